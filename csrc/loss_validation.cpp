@@ -1,0 +1,76 @@
+// Argument validation of the rescaled-MSE ops, shared by every device.
+#include <ncfast/loss.h>
+
+#include <atomic>
+#include <cmath>
+#include <sstream>
+
+#include <c10/util/Exception.h>
+
+namespace ncfast {
+namespace {
+
+constexpr const char* kOp = "ncfast.rescaled_mse_loss";
+std::atomic<bool> g_cuda_target_checks{true};
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.dim() << "-D tensor of shape " << t.sizes();
+  return s.str();
+}
+
+}  // namespace
+
+void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target, double k,
+                             double M, const at::Tensor* grad) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, kOp, ": logits must be 2-D (batch, classes), got ",
+                    describe(logits));
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), kOp,
+                   ": logits must be float32, float64, bfloat16 or float16, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, kOp, ": logits must have at least one class, got ",
+                    describe(logits));
+  TORCH_CHECK_VALUE(target.dim() == 1, kOp, ": target must be 1-D (batch,), got ",
+                    describe(target));
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, kOp,
+                   ": target must be int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), kOp,
+                    ": target must have one label per row of logits: logits has ",
+                    logits.size(0), " rows, target has ", target.size(0));
+  TORCH_CHECK_VALUE(target.device() == logits.device(), kOp,
+                    ": target must be on the same device as logits (", logits.device(),
+                    "), got ", target.device());
+  TORCH_CHECK_VALUE(std::isfinite(k) && k > 0, kOp, ": k must be finite and > 0, got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(M), kOp, ": M must be finite, got ", M);
+  if (grad != nullptr) {
+    TORCH_CHECK_VALUE(grad->dim() == 1 && grad->size(0) == logits.size(0), kOp,
+                      ": grad must be 1-D with one entry per row of logits (", logits.size(0),
+                      "), got ", describe(*grad));
+    TORCH_CHECK_TYPE(grad->scalar_type() == loss_dtype(logits.scalar_type()), kOp,
+                     ": grad must be ", loss_dtype(logits.scalar_type()), " for ",
+                     logits.scalar_type(), " logits, got ", grad->scalar_type());
+    TORCH_CHECK_VALUE(grad->device() == logits.device(), kOp,
+                      ": grad must be on the same device as logits (", logits.device(),
+                      "), got ", grad->device());
+  }
+}
+
+void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  if (target.numel() == 0) {
+    return;
+  }
+  const at::Tensor bad =
+      target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
+  if (!bad.any().item<bool>()) {
+    return;
+  }
+  const int64_t first = target.masked_select(bad)[0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, kOp, ": target values must be in [0, ", num_classes,
+                    ") or ignore_index=", ignore_index, ", got ", first);
+}
+
+bool cuda_target_checks_enabled() { return g_cuda_target_checks.load(); }
+
+bool set_cuda_target_checks(bool enabled) { return g_cuda_target_checks.exchange(enabled); }
+
+}  // namespace ncfast

@@ -1,0 +1,35 @@
+// Every ncfast op schema, in one TORCH_LIBRARY block, and the pybind11 module ncfast._C that
+// exposes how this build was made. Kernels register themselves in cpu/ and cuda/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ncfast/loss.h>
+
+TORCH_LIBRARY(ncfast, m) {
+  // Rescaled MSE (theory.md 2.1): per-sample loss sum_j w_j (z_j - M [j = y])^2 with
+  // w_j = k on the target class and 1 elsewhere; rows whose label is ignore_index give 0.
+  m.def("rescaled_mse(Tensor logits, Tensor target, float k, float M, int ignore_index) -> Tensor");
+  // grad_logits[i, j] = 2 grad[i] w_ij (z_ij - M [j = y_i]); zero on ignored rows.
+  m.def(
+      "rescaled_mse_backward(Tensor grad, Tensor logits, Tensor target, float k, float M, "
+      "int ignore_index) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ncfast C++/CUDA kernels (ops live in torch.ops.ncfast)";
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["torch_version"] = NCFAST_TORCH_VERSION;
+    info["cuda"] = static_cast<bool>(NCFAST_WITH_CUDA);
+    info["cuda_arch_list"] = NCFAST_CUDA_ARCH_LIST;
+    info["compiler"] = NCFAST_COMPILER;
+#if NCFAST_WITH_CUDA
+    info["cuda_compiler"] = NCFAST_CUDA_COMPILER;
+#else
+    info["cuda_compiler"] = pybind11::none();
+#endif
+    return info;
+  });
+  m.def("cuda_target_checks_enabled", &ncfast::cuda_target_checks_enabled);
+  m.def("set_cuda_target_checks", &ncfast::set_cuda_target_checks, pybind11::arg("enabled"));
+}

@@ -1,0 +1,59 @@
+"""ncfast: fast tooling for neural-collapse research (fused rescaled-MSE loss, ...).
+
+Importing ncfast never needs a GPU. The kernels live in the extension ncfast._C and are
+reached through torch.ops.ncfast.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def _load_extension():
+    import torch
+
+    try:
+        from . import _C
+    except ImportError as err:
+        try:
+            from ._build_config import TORCH_VERSION as built_for
+        except ImportError:
+            built_for = "unknown (ncfast is not built: pip install --no-build-isolation -e .)"
+        raise ImportError(
+            f"ncfast._C failed to load: it was built for torch {built_for}, and the torch "
+            f"found is {torch.__version__} ({torch.__file__}). Rebuild ncfast against this "
+            f"torch with `pip install --no-build-isolation -e .` (or `make build`). "
+            f"Loader error: {err}"
+        ) from err
+    return _C
+
+
+_C = _load_extension()
+
+from . import _ops  # noqa: E402  (registers fakes, autograd and vmap rules)
+from .losses import RescaledMSELoss, rescaled_mse_loss  # noqa: E402
+
+
+def build_info() -> dict:
+    """How the extension was built: torch version, CUDA kernels, arch list, compilers."""
+    return dict(_C.build_info())
+
+
+def set_cuda_target_checks(enabled: bool) -> bool:
+    """Turn the CUDA label-range check on or off; returns the previous setting.
+
+    On CUDA the check reads the labels back (one host synchronisation per loss call). With it
+    off, out-of-range labels raise nothing: such a row is treated as if no class matched (every
+    entry weighted 1 with target 0); memory stays safe, since labels are only compared. The
+    check is always on for CPU tensors and always skipped while a CUDA graph is captured.
+    """
+    return bool(_C.set_cuda_target_checks(bool(enabled)))
+
+
+__all__ = [
+    "RescaledMSELoss",
+    "build_info",
+    "rescaled_mse_loss",
+    "set_cuda_target_checks",
+    "__version__",
+]

@@ -1,0 +1,263 @@
+"""Fake (meta) implementations, autograd formulas and vmap rules of the ncfast ops.
+
+Each op is a forward op plus a differentiable `<op>_backward` op (csrc/registration.cpp).
+Two autograd paths share the formulas below:
+
+* `torch.library.register_autograd` on the ops themselves: what `torch.compile`, opcheck and
+  direct `torch.ops.ncfast.*` calls use;
+* an `autograd.Function` per op, used by the public functions in eager mode: torch (<= 2.14)
+  runs register_autograd ops under no torch.func transform and gives them no forward-mode
+  derivative, while the Function adds `setup_context`, `jvp` and a vmap rule, so `grad`,
+  `jvp(grad(...))`, `vmap` and `hessian` work. Dynamo cannot trace a Function with a custom
+  jvp, hence the two paths (`rescaled_mse_per_sample` picks one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_OP = "ncfast.rescaled_mse_loss"
+_ops = torch.ops.ncfast
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of per-sample losses: float64 for float64 logits, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dim()}-D tensor of shape {list(t.shape)}"
+
+
+def check_rescaled_mse_args(
+    logits: Tensor, target: Tensor, k: float, M: float, grad: Tensor | None = None
+) -> None:
+    """The checks of csrc/loss_validation.cpp, same order and messages (for the fakes)."""
+    if logits.dim() != 2:
+        raise ValueError(f"{_OP}: logits must be 2-D (batch, classes), got {_describe(logits)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(
+            f"{_OP}: logits must be float32, float64, bfloat16 or float16, got {logits.dtype}"
+        )
+    if logits.shape[1] < 1:
+        raise ValueError(f"{_OP}: logits must have at least one class, got {_describe(logits)}")
+    if target.dim() != 1:
+        raise ValueError(f"{_OP}: target must be 1-D (batch,), got {_describe(target)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{_OP}: target must be int64 or int32, got {target.dtype}")
+    if target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"{_OP}: target must have one label per row of logits: logits has "
+            f"{logits.shape[0]} rows, target has {target.shape[0]}"
+        )
+    if target.device != logits.device:
+        raise ValueError(
+            f"{_OP}: target must be on the same device as logits ({logits.device}), "
+            f"got {target.device}"
+        )
+    if not (k > 0 and k < float("inf")):
+        raise ValueError(f"{_OP}: k must be finite and > 0, got {k:g}")
+    if not abs(M) < float("inf"):
+        raise ValueError(f"{_OP}: M must be finite, got {M:g}")
+    if grad is not None:
+        if grad.dim() != 1 or grad.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"{_OP}: grad must be 1-D with one entry per row of logits "
+                f"({logits.shape[0]}), got {_describe(grad)}"
+            )
+        if grad.dtype != loss_dtype(logits.dtype):
+            raise TypeError(
+                f"{_OP}: grad must be {loss_dtype(logits.dtype)} for {logits.dtype} logits, "
+                f"got {grad.dtype}"
+            )
+        if grad.device != logits.device:
+            raise ValueError(
+                f"{_OP}: grad must be on the same device as logits ({logits.device}), "
+                f"got {grad.device}"
+            )
+
+
+@torch.library.register_fake("ncfast::rescaled_mse")
+def _rescaled_mse_fake(logits, target, k, M, ignore_index):
+    check_rescaled_mse_args(logits, target, k, M)
+    return logits.new_empty(logits.shape[0], dtype=loss_dtype(logits.dtype))
+
+
+@torch.library.register_fake("ncfast::rescaled_mse_backward")
+def _rescaled_mse_backward_fake(grad, logits, target, k, M, ignore_index):
+    check_rescaled_mse_args(logits, target, k, M, grad)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ---- formulas (theory.md 2.4), written against a `backward` callable so both paths share them
+
+def _rows_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_j a_ij b_ij in the accumulate type."""
+    return (a.to(dtype) * b.to(dtype)).sum(1)
+
+
+def _forward_tangent(backward, logits, target, k, M, ignore_index, d_logits):
+    # d loss_i = sum_j 2 w_ij r_ij d z_ij
+    dtype = loss_dtype(logits.dtype)
+    ones = logits.new_ones(logits.shape[0], dtype=dtype)
+    return _rows_dot(backward(ones, logits, target, k, M, ignore_index), d_logits, dtype)
+
+
+def _backward_vjp(backward, grad, logits, target, k, M, ignore_index, v, needs):
+    # grad_z = 2 g w r: its cotangent v goes to g as sum_j 2 w r v and to z as 2 g w v.
+    d_grad = d_logits = None
+    if needs[0]:
+        d_grad = _forward_tangent(backward, logits, target, k, M, ignore_index, v)
+    if needs[1]:
+        d_logits = backward(grad, v.to(logits.dtype), target, k, 0.0, ignore_index)
+    return d_grad, d_logits
+
+
+def _backward_tangent(backward, grad, logits, target, k, M, ignore_index, d_grad, d_logits):
+    out = None
+    if d_grad is not None:
+        out = backward(d_grad, logits, target, k, M, ignore_index)
+    if d_logits is not None:
+        term = backward(grad, d_logits, target, k, 0.0, ignore_index)
+        out = term if out is None else out + term
+    return out
+
+
+# ---- path 1: register_autograd on the ops
+
+def _setup_forward(ctx, inputs, output):
+    logits, target, ctx.k, ctx.M, ctx.ignore_index = inputs
+    ctx.save_for_backward(logits, target)
+
+
+def _op_backward_of_forward(ctx, grad):
+    logits, target = ctx.saved_tensors
+    d_logits = None
+    if ctx.needs_input_grad[0]:
+        d_logits = _ops.rescaled_mse_backward(
+            grad, logits, target, ctx.k, ctx.M, ctx.ignore_index
+        )
+    return d_logits, None, None, None, None
+
+
+def _setup_backward(ctx, inputs, output):
+    grad, logits, target, ctx.k, ctx.M, ctx.ignore_index = inputs
+    ctx.save_for_backward(grad, logits, target)
+
+
+def _op_backward_of_backward(ctx, v):
+    grad, logits, target = ctx.saved_tensors
+    d_grad, d_logits = _backward_vjp(
+        _ops.rescaled_mse_backward, grad, logits, target, ctx.k, ctx.M, ctx.ignore_index, v,
+        ctx.needs_input_grad,
+    )
+    return d_grad, d_logits, None, None, None, None
+
+
+torch.library.register_autograd(
+    "ncfast::rescaled_mse", _op_backward_of_forward, setup_context=_setup_forward
+)
+torch.library.register_autograd(
+    "ncfast::rescaled_mse_backward", _op_backward_of_backward, setup_context=_setup_backward
+)
+
+
+# ---- vmap: the ops work row by row, so a vmapped call is one call on the flattened rows
+
+def _batched(x: Tensor, dim: int | None, size: int) -> Tensor:
+    return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+
+
+def _rescaled_mse_vmap(info, in_dims, logits, target, k, M, ignore_index):
+    n = info.batch_size
+    z = _batched(logits, in_dims[0], n)
+    y = _batched(target, in_dims[1], n)
+    out = _ops.rescaled_mse(z.reshape(-1, z.shape[-1]), y.reshape(-1), k, M, ignore_index)
+    return out.reshape(n, -1), 0
+
+
+def _rescaled_mse_backward_vmap(info, in_dims, grad, logits, target, k, M, ignore_index):
+    n = info.batch_size
+    g = _batched(grad, in_dims[0], n)
+    z = _batched(logits, in_dims[1], n)
+    y = _batched(target, in_dims[2], n)
+    out = _ops.rescaled_mse_backward(
+        g.reshape(-1), z.reshape(-1, z.shape[-1]), y.reshape(-1), k, M, ignore_index
+    )
+    return out.reshape(z.shape), 0
+
+
+torch.library.register_vmap("ncfast::rescaled_mse", _rescaled_mse_vmap)
+torch.library.register_vmap("ncfast::rescaled_mse_backward", _rescaled_mse_backward_vmap)
+
+
+# ---- path 2: autograd.Functions for eager mode and torch.func
+
+class _RescaledMSE(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, k, M, ignore_index):
+        return _ops.rescaled_mse(logits, target, k, M, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_forward(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        d_logits = None
+        if ctx.needs_input_grad[0]:
+            d_logits = _RescaledMSEBackward.apply(
+                grad, logits, target, ctx.k, ctx.M, ctx.ignore_index
+            )
+        return d_logits, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_logits, *_):
+        logits, target = ctx.saved_tensors
+        return _forward_tangent(
+            _RescaledMSEBackward.apply, logits, target, ctx.k, ctx.M, ctx.ignore_index, d_logits
+        )
+
+
+class _RescaledMSEBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, logits, target, k, M, ignore_index):
+        return _ops.rescaled_mse_backward(grad, logits, target, k, M, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_backward(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+
+    @staticmethod
+    def backward(ctx, v):
+        grad, logits, target = ctx.saved_tensors
+        d_grad, d_logits = _backward_vjp(
+            _RescaledMSEBackward.apply, grad, logits, target, ctx.k, ctx.M, ctx.ignore_index, v,
+            ctx.needs_input_grad,
+        )
+        return d_grad, d_logits, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_grad, d_logits, *_):
+        grad, logits, target = ctx.saved_tensors
+        return _backward_tangent(
+            _RescaledMSEBackward.apply, grad, logits, target, ctx.k, ctx.M, ctx.ignore_index,
+            d_grad, d_logits,
+        )
+
+
+def rescaled_mse_per_sample(
+    logits: Tensor, target: Tensor, k: float, M: float, ignore_index: int
+) -> Tensor:
+    """Differentiable per-sample loss sum_j w_ij (z_ij - M [j = y_i])^2 (0 on ignored rows)."""
+    if torch.compiler.is_compiling():
+        return _ops.rescaled_mse(logits, target, k, M, ignore_index)
+    return _RescaledMSE.apply(logits, target, k, M, ignore_index)

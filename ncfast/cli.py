@@ -1,0 +1,34 @@
+"""The `ncfast` command: `ncfast demo`, `ncfast info`."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": "train a small model with the fused loss on an embedded default and check it",
+    "info": "versions, build information, kernels per op and device",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: ncfast COMMAND [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8}{text}")
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from . import demo
+
+        demo.main(rest)
+    elif command == "info":
+        from . import info
+
+        info.main()
+    else:
+        sys.exit(f"ncfast: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+
+
+if __name__ == "__main__":
+    main()
