@@ -1,0 +1,39 @@
+# The README's commands. Everything runs in .venv, created and filled on first use; later runs
+# reuse it and rebuild the extension incrementally (build/ keeps the CMake tree).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned here only (the GPU machine has another torch; pyproject says torch>=2.4).
+# The CUDA build, so the CUDA kernels compile and link even on a machine without a GPU.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+BUILD_DEPS := "scikit-build-core>=0.10" "cmake>=3.26" ninja
+RUNTIME_DEPS := numpy pytest pyyaml matplotlib scikit-learn
+OUT ?= bench-out
+
+.PHONY: run test build bench gpu-check clean
+
+run: build
+	$(PY) -m ncfast demo
+
+test: build
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) -m bench.loss --device cpu --out bench/results/cpu.md
+
+# On a GPU machine with no network: builds offline against its torch, runs the CUDA tests and
+# the benchmarks, writes everything into OUT.
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)
+
+build: $(VENV)/.installed
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+$(VENV)/.installed: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS) $(BUILD_DEPS) $(RUNTIME_DEPS)
+	touch $@
+
+clean:
+	rm -rf build

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU check (make gpu-check OUT=dir): on a GPU machine with no network, build ncfast offline
+# against the installed torch, run the CUDA tests and the benchmarks, write all results to OUT.
+set -uo pipefail
+OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+status=0
+
+{ nvidia-smi -L; cmake --version | head -1; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
+  > "$OUT/env.txt" 2>&1
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
+  echo "gpu-check: build failed, see $OUT/build.log"; tail -40 "$OUT/build.log"; exit 1
+fi
+$PY -m ncfast.info > "$OUT/info.txt" 2>&1 || status=1
+$PY -m pytest -m cuda -q -p no:cacheprovider > "$OUT/pytest-cuda.txt" 2>&1 || status=1
+tail -3 "$OUT/pytest-cuda.txt"
+$PY -m bench.loss --device cuda --out "$OUT/loss.md" > "$OUT/loss.log" 2>&1 || status=1
+tail -25 "$OUT/loss.log"
+exit $status
