@@ -19,6 +19,25 @@ std::string describe(const at::Tensor& t) {
   return s.str();
 }
 
+// The dtype as Python users write it ("torch.int64"), so messages match the fakes' messages.
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 }  // namespace
 
 void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target, double k,
@@ -27,13 +46,13 @@ void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target,
                     describe(logits));
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), kOp,
                    ": logits must be float32, float64, bfloat16 or float16, got ",
-                   logits.scalar_type());
+                   py_dtype(logits.scalar_type()));
   TORCH_CHECK_VALUE(logits.size(1) >= 1, kOp, ": logits must have at least one class, got ",
                     describe(logits));
   TORCH_CHECK_VALUE(target.dim() == 1, kOp, ": target must be 1-D (batch,), got ",
                     describe(target));
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, kOp,
-                   ": target must be int64 or int32, got ", target.scalar_type());
+                   ": target must be int64 or int32, got ", py_dtype(target.scalar_type()));
   TORCH_CHECK_VALUE(target.size(0) == logits.size(0), kOp,
                     ": target must have one label per row of logits: logits has ",
                     logits.size(0), " rows, target has ", target.size(0));
@@ -47,8 +66,9 @@ void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target,
                       ": grad must be 1-D with one entry per row of logits (", logits.size(0),
                       "), got ", describe(*grad));
     TORCH_CHECK_TYPE(grad->scalar_type() == loss_dtype(logits.scalar_type()), kOp,
-                     ": grad must be ", loss_dtype(logits.scalar_type()), " for ",
-                     logits.scalar_type(), " logits, got ", grad->scalar_type());
+                     ": grad must be ", py_dtype(loss_dtype(logits.scalar_type())), " for ",
+                     py_dtype(logits.scalar_type()), " logits, got ",
+                     py_dtype(grad->scalar_type()));
     TORCH_CHECK_VALUE(grad->device() == logits.device(), kOp,
                       ": grad must be on the same device as logits (", logits.device(),
                       "), got ", grad->device());
