@@ -9,7 +9,9 @@ TORCH_LIBRARY(ncfast, m) {
   // Rescaled MSE (theory.md 2.1): per-sample loss sum_j w_j (z_j - M [j = y])^2 with
   // w_j = k on the target class and 1 elsewhere; rows whose label is ignore_index give 0.
   m.def("rescaled_mse(Tensor logits, Tensor target, float k, float M, int ignore_index) -> Tensor");
-  // grad_logits[i, j] = 2 grad[i] w_ij (z_ij - M [j = y_i]); zero on ignored rows.
+  // grad_logits[i, j] = 2 grad[i] w_ij (z_ij - M [j = y_i]); zero on ignored rows. Labels are
+  // range-checked by the forward op only (no second host sync on CUDA); an out-of-range label
+  // here matches no class.
   m.def(
       "rescaled_mse_backward(Tensor grad, Tensor logits, Tensor target, float k, float M, "
       "int ignore_index) -> Tensor");

@@ -97,10 +97,19 @@ def test_out_of_range_labels(device, labels, K, ignore_index, bad, target_dtype)
                 f"got {bad}")
     with pytest.raises(ValueError, match=re.escape(expected)):
         ncfast.rescaled_mse_loss(logits, target, ignore_index=ignore_index)
-    # The backward op checks too (it can be called directly).
-    grad = torch.ones(len(labels), device=device)
-    with pytest.raises(ValueError, match=re.escape(expected)):
-        torch.ops.ncfast.rescaled_mse_backward(grad, logits, target, 1.0, 1.0, ignore_index)
+
+
+def test_backward_op_treats_unchecked_labels_as_no_class(device):
+    # Labels are validated by the forward op; called directly, the backward op neither syncs
+    # nor reads out of bounds: an out-of-range row is a plain 2 g z.
+    logits = torch.randn(3, 4, device=device, dtype=torch.float64)
+    target = torch.tensor([1, 9, -3], device=device)
+    grad = torch.tensor([1.0, 2.0, 3.0], device=device, dtype=torch.float64)
+    out = torch.ops.ncfast.rescaled_mse_backward(grad, logits, target, 3.0, 2.0, -100)
+    torch.testing.assert_close(out[1:], 2 * grad[1:, None] * logits[1:])
+    expected0 = 2 * logits[0]
+    expected0[1] = 2 * 3.0 * (logits[0, 1] - 2.0)
+    torch.testing.assert_close(out[0], expected0)
 
 
 def test_ignore_index_inside_the_class_range_is_allowed(device):

@@ -66,6 +66,10 @@ at::Tensor rescaled_mse_cpu(const at::Tensor& logits_in, const at::Tensor& targe
             continue;
           }
           const scalar_t* row = z + i * K;
+          if (yi < 0 || yi >= K) {  // unreachable after the label check; kept memory-safe
+            loss[i] = sum_squares<acc_t>(row, K);
+            continue;
+          }
           // Off-target classes and the target apart: subtracting z_y^2 from a full sum of
           // squares would cancel catastrophically near collapse (z ~ M e_y).
           const acc_t r = static_cast<acc_t>(row[yi]) - MM;
@@ -83,7 +87,6 @@ at::Tensor rescaled_mse_backward_cpu(const at::Tensor& grad_in, const at::Tensor
                                      int64_t ignore_index) {
   check_rescaled_mse_args(logits_in, target_in, k, M, &grad_in);
   const int64_t B = logits_in.size(0), K = logits_in.size(1);
-  check_target_values(target_in, K, ignore_index);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
@@ -111,7 +114,9 @@ at::Tensor rescaled_mse_backward_cpu(const at::Tensor& grad_in, const at::Tensor
           }
           const acc_t c = 2 * g[i];
           scale_into(drow, row, c, K);
-          drow[yi] = static_cast<scalar_t>(c * kk * (static_cast<acc_t>(row[yi]) - MM));
+          if (yi >= 0 && yi < K) {  // labels are validated by the forward op
+            drow[yi] = static_cast<scalar_t>(c * kk * (static_cast<acc_t>(row[yi]) - MM));
+          }
         }
       });
     });

@@ -160,7 +160,6 @@ at::Tensor rescaled_mse_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   check_rescaled_mse_args(logits_in, target_in, k, M, &grad_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const int64_t B = logits_in.size(0), K = logits_in.size(1);
-  maybe_check_target_values(target_in, K, ignore_index);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();

@@ -12,8 +12,9 @@ namespace ncfast {
 void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target, double k,
                              double M, const at::Tensor* grad = nullptr);
 
-// Label range check. Reads the labels, so on CUDA it costs one host synchronisation; the
-// CUDA kernels skip it while a stream is being captured or when checks are turned off.
+// Label range check, done by the forward op. Reads the labels, so on CUDA it costs one host
+// synchronisation; the CUDA forward skips it while a stream is being captured or when checks
+// are turned off. Kernels only compare labels (or guard the index), so any label is safe.
 void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index);
 
 bool cuda_target_checks_enabled();
