@@ -1,0 +1,1 @@
+"""ncfast benchmarks: `python -m bench.<name>` from the repository root (see bench/README.md)."""
