@@ -3,8 +3,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <optional>
 #include <sstream>
 
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 namespace ncfast {
@@ -79,14 +81,25 @@ void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t 
   if (target.numel() == 0) {
     return;
   }
-  const at::Tensor bad =
-      target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
-  if (!bad.any().item<bool>()) {
-    return;
+  const auto is_bad = [&](int64_t v) { return v != ignore_index && (v < 0 || v >= num_classes); };
+  std::optional<int64_t> first_bad;
+  if (target.is_cpu()) {  // a plain scan: no temporaries, no dispatcher round trips
+    const at::Tensor t = target.contiguous();
+    AT_DISPATCH_INDEX_TYPES(t.scalar_type(), "check_target_values", [&] {
+      const index_t* y = t.const_data_ptr<index_t>();
+      for (int64_t i = 0; i < t.numel() && !first_bad; ++i) {
+        if (is_bad(y[i])) first_bad = y[i];
+      }
+    });
+  } else {  // device tensors: reduce there, read back one flag (the host sync)
+    const at::Tensor bad =
+        target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
+    if (bad.any().item<bool>()) {
+      first_bad = target.masked_select(bad)[0].item<int64_t>();
+    }
   }
-  const int64_t first = target.masked_select(bad)[0].item<int64_t>();
-  TORCH_CHECK_VALUE(false, kOp, ": target values must be in [0, ", num_classes,
-                    ") or ignore_index=", ignore_index, ", got ", first);
+  TORCH_CHECK_VALUE(!first_bad, kOp, ": target values must be in [0, ", num_classes,
+                    ") or ignore_index=", ignore_index, ", got ", first_bad.value_or(0));
 }
 
 bool cuda_target_checks_enabled() { return g_cuda_target_checks.load(); }
