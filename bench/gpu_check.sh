@@ -15,8 +15,10 @@ if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/b
   echo "gpu-check: build failed, see $OUT/build.log"; tail -40 "$OUT/build.log"; exit 1
 fi
 $PY -m ncfast.info > "$OUT/info.txt" 2>&1 || status=1
-$PY -m pytest -m cuda -q -p no:cacheprovider > "$OUT/pytest-cuda.txt" 2>&1 || status=1
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider \
+  > "$OUT/pytest-cuda.txt" 2>&1 || status=1
 tail -3 "$OUT/pytest-cuda.txt"
-$PY -m bench.loss --device cuda --out "$OUT/loss.md" > "$OUT/loss.log" 2>&1 || status=1
-tail -25 "$OUT/loss.log"
+timeout "${BENCH_TIMEOUT:-400}" $PY -m bench.loss --device cuda --out "$OUT/loss.md" \
+  > "$OUT/loss.log" 2>&1 || status=1
+tail -12 "$OUT/loss.log"
 exit $status

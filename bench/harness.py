@@ -53,6 +53,8 @@ def git_revision() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
+    if os.environ.get("NCFAST_GIT_REVISION"):  # set by whoever copied the tree without .git
+        return os.environ["NCFAST_GIT_REVISION"]
     try:
         rev = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
