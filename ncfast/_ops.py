@@ -5,11 +5,12 @@ Two autograd paths share the formulas below:
 
 * `torch.library.register_autograd` on the ops themselves: what `torch.compile`, opcheck and
   direct `torch.ops.ncfast.*` calls use;
-* an `autograd.Function` per op, used by the public functions in eager mode: torch (<= 2.14)
-  runs register_autograd ops under no torch.func transform and gives them no forward-mode
-  derivative, while the Function adds `setup_context`, `jvp` and a vmap rule, so `grad`,
-  `jvp(grad(...))`, `vmap` and `hessian` work. Dynamo cannot trace a Function with a custom
-  jvp, hence the two paths (`rescaled_mse_per_sample` picks one).
+* an `autograd.Function` per op, used by the public functions while a torch.func transform or
+  forward-mode AD is active: torch (<= 2.14) runs register_autograd ops under no torch.func
+  transform and gives them no forward-mode derivative, while the Function adds
+  `setup_context`, `jvp` and a vmap rule, so `grad`, `jvp(grad(...))`, `vmap` and `hessian`
+  work. Dynamo cannot trace a Function with a custom jvp, and the Function costs about twice
+  the op path per call, hence two paths (`rescaled_mse_per_sample` picks one).
 """
 
 from __future__ import annotations
@@ -137,9 +138,12 @@ def _op_backward_of_forward(ctx, grad):
     logits, target = ctx.saved_tensors
     d_logits = None
     if ctx.needs_input_grad[0]:
-        d_logits = _ops.rescaled_mse_backward(
-            grad, logits, target, ctx.k, ctx.M, ctx.ignore_index
-        )
+        # Without create_graph nothing differentiates the backward op: skip its autograd layer.
+        first_order = not torch.is_grad_enabled() and _plain_eager()
+        with _below_autograd() if first_order else contextlib.nullcontext():
+            d_logits = _ops.rescaled_mse_backward(
+                grad, logits, target, ctx.k, ctx.M, ctx.ignore_index
+            )
     return d_logits, None, None, None, None
 
 
@@ -195,6 +199,19 @@ torch.library.register_vmap("ncfast::rescaled_mse_backward", _rescaled_mse_backw
 
 
 # ---- path 2: autograd.Functions for eager mode and torch.func
+
+def _plain_eager() -> bool:
+    """True unless a torch.func transform or a forward-mode AD level is active (those need the
+    autograd.Functions) or dynamo is tracing. Private torch state, read defensively: when it
+    cannot be read, answer False, which only costs speed."""
+    if torch.compiler.is_compiling():
+        return False
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    forward_level = getattr(torch.autograd.forward_ad, "_current_level", None)
+    if transforms_active is None or forward_level is None:
+        return False
+    return not transforms_active() and forward_level < 0
+
 
 def _below_autograd():
     """Inside an autograd.Function the ops need no autograd of their own: skipping their
@@ -269,7 +286,10 @@ class _RescaledMSEBackward(torch.autograd.Function):
 def rescaled_mse_per_sample(
     logits: Tensor, target: Tensor, k: float, M: float, ignore_index: int
 ) -> Tensor:
-    """Differentiable per-sample loss sum_j w_ij (z_ij - M [j = y_i])^2 (0 on ignored rows)."""
-    if torch.compiler.is_compiling():
+    """Differentiable per-sample loss sum_j w_ij (z_ij - M [j = y_i])^2 (0 on ignored rows).
+
+    The ops' own autograd serves compiled and plain eager code (it is the cheaper path); the
+    autograd.Function only serves torch.func transforms and forward-mode AD."""
+    if torch.compiler.is_compiling() or _plain_eager():
         return _ops.rescaled_mse(logits, target, k, M, ignore_index)
     return _RescaledMSE.apply(logits, target, k, M, ignore_index)
