@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._ops import loss_dtype, rescaled_mse_per_sample
+from ._ops import check_rescaled_mse_args, loss_dtype, rescaled_mse_per_sample
 
 _OP = "ncfast.rescaled_mse_loss"
 NORMALIZE = ("sample", "element")
@@ -88,6 +88,9 @@ def rescaled_mse_loss(
     :func:`ncfast.set_cuda_target_checks`.
     """
     _check_options(k, M, normalize, reduction)
+    # The op checks the same again; checking here first keeps argument errors in Python, where
+    # they are raised the same way whatever C++ toolchain built the extension.
+    check_rescaled_mse_args(logits, target, k, M)
     per_sample = rescaled_mse_per_sample(logits, target, float(k), float(M), int(ignore_index))
     B, K = logits.shape
     if normalize == "element":

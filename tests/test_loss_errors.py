@@ -81,6 +81,21 @@ def test_argument_errors(device, case):
     assert _message("meta", SHAPE_ERRORS[case]) == expected
 
 
+OP_LEVEL = [name for name, case in SHAPE_ERRORS.items() if set(case[2]) <= {"k", "M"}
+            and all(isinstance(v, float) for v in case[2].values())]
+
+
+@pytest.mark.parametrize("case", OP_LEVEL)
+def test_op_says_what_the_python_checks_say(device, case):
+    # The public function checks arguments in Python first; the op (C++, every device) must
+    # reject the same inputs with the same message when called directly.
+    logits, target, kwargs, exc, message = SHAPE_ERRORS[case]
+    with pytest.raises(exc) as info:
+        torch.ops.ncfast.rescaled_mse(logits.to(device), target.to(device),
+                                      kwargs.get("k", 1.0), kwargs.get("M", 1.0), -100)
+    assert str(info.value) == P + message
+
+
 @pytest.mark.parametrize(
     "labels,K,ignore_index,bad",
     [((0, 5), 5, -100, 5), ((-1, 0), 5, -100, -1), ((0, -100, 7), 5, -100, 7),
