@@ -15,6 +15,14 @@ TORCH_LIBRARY(ncfast, m) {
   m.def(
       "rescaled_mse_backward(Tensor grad, Tensor logits, Tensor target, float k, float M, "
       "int ignore_index) -> Tensor");
+
+  // Class statistics (theory.md 5.8, shifted form): one pass over a batch. Row i of class k is
+  // shifted by shift[k] (the class's reference point); returns per-class counts, sums and
+  // squared norms of the shifted rows, and the shifted rows themselves (for one Gram product),
+  // all in the accumulate type of the features (= shift's dtype). Labels must be in [0, K).
+  m.def(
+      "class_moments(Tensor features, Tensor labels, Tensor shift) -> "
+      "(Tensor counts, Tensor sums, Tensor sq, Tensor shifted)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -32,6 +32,9 @@ _C = _load_extension()
 
 from . import _ops  # noqa: E402  (registers fakes, autograd and vmap rules)
 from .losses import RescaledMSELoss, rescaled_mse_loss  # noqa: E402
+from .stats import ClassStats  # noqa: E402
+from .measurement import Measurement, measure  # noqa: E402
+from . import metrics  # noqa: E402
 
 
 def build_info() -> dict:
@@ -51,6 +54,10 @@ def set_cuda_target_checks(enabled: bool) -> bool:
 
 
 __all__ = [
+    "ClassStats",
+    "Measurement",
+    "measure",
+    "metrics",
     "RescaledMSELoss",
     "build_info",
     "rescaled_mse_loss",

@@ -293,3 +293,23 @@ def rescaled_mse_per_sample(
     if torch.compiler.is_compiling() or _plain_eager():
         return _ops.rescaled_mse(logits, target, k, M, ignore_index)
     return _RescaledMSE.apply(logits, target, k, M, ignore_index)
+
+
+# ---- class statistics
+
+@torch.library.register_fake("ncfast::class_moments")
+def _class_moments_fake(features, labels, shift):
+    # Mirrors csrc/stats_validation.cpp for the shapes the outputs depend on.
+    op = "ncfast.ClassStats.update"
+    if features.dim() != 2:
+        raise ValueError(f"{op}: features must be 2-D (batch, dim), got shape "
+                         f"{list(features.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"{op}: labels must be 1-D with one label per row of features "
+                         f"({features.shape[0]}), got shape {list(labels.shape)}")
+    if shift.dim() != 2 or shift.shape[1] != features.shape[1]:
+        raise ValueError(f"{op}: features must have {shift.shape[1]} columns (dim), got "
+                         f"{features.shape[1]}")
+    K, d = shift.shape
+    return (shift.new_empty(K, dtype=torch.int64), shift.new_empty(K, d), shift.new_empty(K),
+            shift.new_empty(features.shape[0], d))

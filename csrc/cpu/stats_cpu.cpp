@@ -1,0 +1,86 @@
+// CPU kernel of the class-statistics op: one pass over a batch that shifts every row by its
+// class's reference point and accumulates per-class counts, sums and squared norms.
+#include <algorithm>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <ncfast/stats.h>
+
+namespace ncfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
+    const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& shift_in) {
+  check_class_moments_args(features_in, labels_in, shift_in);
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  const int64_t B = features.size(0), d = features.size(1), K = shift.size(0);
+  const auto acc_options = shift.options();
+  at::Tensor counts = at::zeros({K}, acc_options.dtype(at::kLong));
+  at::Tensor sums = at::zeros({K, d}, acc_options);
+  at::Tensor sq = at::zeros({K}, acc_options);
+  at::Tensor shifted = at::empty({B, d}, acc_options);
+  if (B == 0 || d == 0) {
+    return {counts, sums, sq, shifted};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "class_moments_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "class_moments_cpu", [&] {
+      const scalar_t* x = features.const_data_ptr<scalar_t>();
+      const index_t* y = labels.const_data_ptr<index_t>();
+      const acc_t* c = shift.const_data_ptr<acc_t>();
+      acc_t* out = shifted.mutable_data_ptr<acc_t>();
+      acc_t* sum = sums.mutable_data_ptr<acc_t>();
+      acc_t* sq_total = sq.mutable_data_ptr<acc_t>();
+      int64_t* n = counts.mutable_data_ptr<int64_t>();
+      for (int64_t i = 0; i < B; ++i) {
+        ++n[y[i]];
+      }
+      // Threads own column blocks, so the per-class sums need no atomics; the per-class squared
+      // norms are partial per block and added up under a lock at the end.
+      std::mutex sq_lock;
+      const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, B));
+      at::parallel_for(0, d, grain, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> sq_local(K, acc_t(0));
+        for (int64_t i = 0; i < B; ++i) {
+          const int64_t k = y[i];
+          const scalar_t* xi = x + i * d;
+          const acc_t* ck = c + k * d;
+          acc_t* oi = out + i * d;
+          acc_t* sk = sum + k * d;
+          acc_t q = 0;
+          for (int64_t j = c0; j < c1; ++j) {
+            const acc_t v = static_cast<acc_t>(xi[j]) - ck[j];
+            oi[j] = v;
+            sk[j] += v;
+            q += v * v;
+          }
+          sq_local[k] += q;
+        }
+        const std::lock_guard<std::mutex> guard(sq_lock);
+        for (int64_t k = 0; k < K; ++k) {
+          sq_total[k] += sq_local[k];
+        }
+      });
+    });
+  });
+  return {counts, sums, sq, shifted};
+}
+
+}  // namespace
+}  // namespace ncfast
+
+TORCH_LIBRARY_IMPL(ncfast, CPU, m) {
+  m.impl("class_moments", &ncfast::class_moments_cpu);
+}

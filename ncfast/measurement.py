@@ -1,0 +1,123 @@
+"""`ncfast.measure`: NC metrics of a model over a data set, from the input of its final linear
+layer (theory.md 5.1), in eval mode under no_grad, exact under torch.distributed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .metrics import NCMetrics, all_metrics
+from .stats import ClassStats
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What :func:`measure` returns: every metric, the accuracy, the sample count, the classes
+    that had no sample (left out of the metrics, by name) and the accumulated statistics (with
+    the NC4 count) for further analysis."""
+
+    metrics: NCMetrics
+    accuracy: float
+    samples: int
+    empty_classes: list[int]
+    stats: ClassStats
+
+
+def _final_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("ncfast.measure: model has no nn.Linear; pass classifier=<the final "
+                         "linear module>")
+    return linears[-1]
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and (
+        group is None or group != dist.GroupMember.NON_GROUP_MEMBER)
+
+
+def measure(
+    model: nn.Module,
+    loader: Iterable,
+    classifier: nn.Linear | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    nc4: bool = True,
+    global_mean: str = "weighted",
+    group=None,
+) -> Measurement:
+    """Measure neural collapse of ``model`` over ``loader`` (batches ``(inputs, labels)``).
+
+    Features are the input of ``classifier`` (default: the last ``nn.Linear`` in
+    ``model.modules()``), flattened to (B, d); W and b are its weight and bias. The model runs in
+    eval mode (BatchNorm uses running statistics) under no_grad, and its training flag is
+    restored afterwards. Use an un-augmented loader (the training set, as the paper does).
+
+    With ``nc4=True`` the data are swept twice: NC4 compares each sample's nearest class mean
+    (means from the complete first sweep, across all ranks) with the classifier's prediction.
+    Under torch.distributed each rank passes its own shard (e.g. a DistributedSampler); the
+    statistics, accuracy and NC4 counts are combined exactly and every rank gets the result.
+    """
+    classifier = classifier if classifier is not None else _final_linear(model)
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError(f"ncfast.measure: classifier must be an nn.Linear, got "
+                        f"{type(classifier).__name__}")
+    K, d = classifier.out_features, classifier.in_features
+    weight = classifier.weight.detach()
+    bias = classifier.bias.detach() if classifier.bias is not None else None
+    device = torch.device(device) if device is not None else weight.device
+    distributed = _distributed(group)
+
+    captured: list[Tensor] = []
+    hook = classifier.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().reshape(args[0].shape[0], -1)))
+    was_training = model.training
+    model.eval()
+
+    def sweep(stats: ClassStats) -> tuple[Tensor, Tensor]:
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = torch.zeros((), dtype=torch.int64, device=device)
+        for inputs, labels in loader:
+            captured.clear()
+            logits = model(inputs.to(weight.device, non_blocking=True))
+            if len(captured) != 1:
+                raise RuntimeError(f"ncfast.measure: the classifier ran {len(captured)} times "
+                                   f"in one forward pass; pass classifier=<the final layer>")
+            labels = labels.to(device, non_blocking=True)
+            stats.update(captured[0].to(device), labels)
+            correct += (logits.argmax(1).to(device) == labels).sum()
+            seen += labels.numel()
+        return correct, seen
+
+    try:
+        with torch.no_grad():
+            stats = ClassStats(K, d, device=device, dtype=dtype)
+            correct, seen = sweep(stats)
+            if distributed:
+                stats.all_reduce(group)
+            if nc4:
+                first_means = stats.means
+                stats = ClassStats(K, d, device=device, dtype=dtype, nc4_weight=weight,
+                                   nc4_bias=bias, nc4_means=first_means)
+                sweep(stats)
+                if distributed:
+                    stats.all_reduce(group)
+            if distributed:
+                counts = torch.stack([correct, seen])
+                dist.all_reduce(counts, group=group)
+                correct, seen = counts[0], counts[1]
+    finally:
+        hook.remove()
+        model.train(was_training)
+
+    present = stats.counts > 0
+    classes = None if bool(present.all()) else present
+    result = all_metrics(stats, weight.to(device), None if bias is None else bias.to(device),
+                         global_mean=global_mean, classes=classes)
+    samples = int(seen)
+    return Measurement(metrics=result, accuracy=int(correct) / max(samples, 1), samples=samples,
+                       empty_classes=(~present).nonzero().flatten().tolist(), stats=stats)

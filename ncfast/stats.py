@@ -1,0 +1,344 @@
+"""Streaming per-class statistics for the NC metrics (theory.md 5.2, 5.8): class counts and
+means, the pooled within-class scatter, per-class variances and, optionally, the NC4 count; in
+one pass, mergeable exactly across batches, shards and processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_UPDATE = "ncfast.ClassStats.update"
+STATE_VERSION = 1
+
+
+class ClassStats:
+    r"""Accumulates, batch by batch, everything the NC metrics need from last-layer features.
+
+    State (theory.md 5.8, *shifted* form). Every class k has a reference point c_k, set to its
+    first sample when the class is first seen. The accumulator keeps n_k, S_k = sum (h - c_k),
+    per-class sum ||h - c_k||^2 and the pooled Gram Q = sum (h - c_{y})(h - c_{y})^T, so one
+    batch costs one fused pass (``torch.ops.ncfast.class_moments``) and one d x d Gram product,
+    with no per-batch K x d^2 correction. The centred quantities follow exactly at read time:
+
+        mu_k = c_k + S_k / n_k,     M2 = Q - sum_k S_k S_k^T / n_k,     Sigma_W = M2 / N.
+
+    Features near their class mean are shifted by a nearby point, so float32 state keeps
+    Sigma_W accurate in the collapse regime (within-class spread << ||mu||), where the raw
+    second moment would cancel catastrophically.
+
+    Args:
+        num_classes, dim: K and d.
+        device: where the state lives (default CPU).
+        dtype: state dtype, float32 (default) or float64. bf16/fp16 features are accumulated in
+            float32; other feature dtypes are converted to the state dtype.
+        check_inputs: validate label range and finiteness of every batch before it is added
+            (on CUDA this reads flags back: a host sync per batch). With False, ``update``
+            never synchronises and the caller guarantees valid input (out-of-range labels are
+            then clamped into range, never used as out-of-bounds addresses).
+        nc4_weight, nc4_bias, nc4_means: classifier (K, d), optional bias (K,) and the class
+            means of a *previous pass* (K, d); when given, ``update`` also counts samples whose
+            nearest class mean disagrees with the classifier's prediction (NC4, theory.md 5.6).
+            ``ncfast.measure`` makes that second sweep for you.
+
+    ``update`` checks its input before touching the state: a rejected batch leaves the
+    accumulator exactly as it was.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        check_inputs: bool = True,
+        nc4_weight: Tensor | None = None,
+        nc4_bias: Tensor | None = None,
+        nc4_means: Tensor | None = None,
+    ) -> None:
+        for name, value in (("num_classes", num_classes), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ncfast.ClassStats: {name} must be an int >= 1, got {value!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"ncfast.ClassStats: dtype must be torch.float32 or torch.float64, "
+                            f"got {dtype}")
+        self.num_classes, self.dim, self.dtype = num_classes, dim, dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.check_inputs = check_inputs
+        self._nc4 = self._check_nc4(nc4_weight, nc4_bias, nc4_means)
+        self.reset()
+
+    # ---- state
+
+    def reset(self) -> None:
+        """Forget every sample (keeps K, d, dtype, device and the NC4 classifier)."""
+        K, d, opts = self.num_classes, self.dim, dict(device=self.device, dtype=self.dtype)
+        self._counts = torch.zeros(K, device=self.device, dtype=torch.int64)
+        self._shift = torch.zeros(K, d, **opts)
+        self._sums = torch.zeros(K, d, **opts)
+        self._sq = torch.zeros(K, **opts)
+        self._gram = torch.zeros(d, d, **opts)
+        self._nc4_mismatches = torch.zeros((), device=self.device, dtype=torch.int64)
+        self._nc4_total = torch.zeros((), device=self.device, dtype=torch.int64)
+
+    def _check_nc4(self, weight, bias, means):
+        if weight is None and bias is None and means is None:
+            return None
+        K, d = self.num_classes, self.dim
+        if weight is None or means is None:
+            raise ValueError("ncfast.ClassStats: NC4 needs nc4_weight and nc4_means "
+                             "(nc4_bias is optional)")
+        for name, t, shape in (("nc4_weight", weight, (K, d)), ("nc4_means", means, (K, d)),
+                               ("nc4_bias", bias, (K,))):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"ncfast.ClassStats: {name} must have shape {list(shape)}, "
+                                 f"got {list(t.shape)}")
+        to = dict(device=self.device, dtype=self.dtype)
+        return (weight.detach().to(**to), None if bias is None else bias.detach().to(**to),
+                means.detach().to(**to))
+
+    # ---- accumulation
+
+    def _feature_dtype(self, features: Tensor) -> torch.dtype:
+        # The op accumulates in the features' opmath type, which must be the state dtype.
+        reduced = features.dtype in (torch.float16, torch.bfloat16)
+        if self.dtype == torch.float32 and reduced:
+            return features.dtype
+        return self.dtype
+
+    def _check_batch(self, features: Tensor, labels: Tensor) -> None:
+        if not isinstance(features, Tensor) or features.dim() != 2:
+            shape = list(features.shape) if isinstance(features, Tensor) else type(features)
+            raise ValueError(f"{_UPDATE}: features must be 2-D (batch, dim), got {shape}")
+        if features.shape[1] != self.dim:
+            raise ValueError(f"{_UPDATE}: features must have {self.dim} columns (dim), got "
+                             f"{features.shape[1]}")
+        if not features.dtype.is_floating_point:
+            raise TypeError(f"{_UPDATE}: features must have a floating dtype, got "
+                            f"{features.dtype}")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or \
+                labels.shape[0] != features.shape[0]:
+            shape = list(labels.shape) if isinstance(labels, Tensor) else type(labels)
+            raise ValueError(f"{_UPDATE}: labels must be 1-D with one label per row of "
+                             f"features ({features.shape[0]}), got {shape}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{_UPDATE}: labels must be int64 or int32, got {labels.dtype}")
+        for name, t in (("features", features), ("labels", labels)):
+            if t.device != self.device:
+                raise ValueError(f"{_UPDATE}: {name} must be on the accumulator's device "
+                                 f"({self.device}), got {t.device}")
+
+    def _check_values(self, features: Tensor, labels: Tensor, batch_sq: Tensor) -> None:
+        """Label range and finiteness, from the labels and the batch's per-class squared norms
+        (any NaN/Inf feature makes its class's sum non-finite): no extra pass over the
+        features. One host read on CUDA."""
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        if not bool(bad_label.any() | ~torch.isfinite(batch_sq).all()):
+            return
+        if bool(bad_label.any()):
+            value = labels[bad_label][0].item()
+            raise ValueError(f"{_UPDATE}: labels must be in [0, {self.num_classes}), got {value}")
+        bad_row = ~torch.isfinite(features).all(1)
+        if bool(bad_row.any()):
+            row = int(bad_row.nonzero()[0].item())
+            raise ValueError(f"{_UPDATE}: features must be finite, got a NaN or Inf in row {row}")
+        raise ValueError(f"{_UPDATE}: features are too large for {self.dtype} statistics "
+                         f"(squared norms overflow)")
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        """Add a batch: ``features`` (B, d) float, ``labels`` (B,) int64/int32 in [0, K)."""
+        self._check_batch(features, labels)
+        if features.shape[0] == 0:
+            return
+        feats = features.to(self._feature_dtype(features))
+        K, B = self.num_classes, feats.shape[0]
+        # The kernel indexes by label: clamped labels keep it in bounds whatever the input;
+        # a batch with bad labels is then rejected below, before anything is committed.
+        safe_labels = labels.clamp(0, K - 1)
+        # Classes seen for the first time take their first sample as reference point.
+        rows = torch.arange(B, device=self.device)
+        first = torch.full((K,), B, device=self.device, dtype=torch.int64)
+        first.scatter_reduce_(0, safe_labels.long(), rows, reduce="amin")
+        newly_seen = (self._counts == 0) & (first < B)
+        candidates = feats.index_select(0, first.clamp(max=B - 1)).to(self.dtype)
+        shift = torch.where(newly_seen[:, None], candidates, self._shift)
+
+        counts, sums, sq, shifted = torch.ops.ncfast.class_moments(feats, safe_labels, shift)
+        if self.check_inputs:
+            self._check_values(features, labels, sq)
+        nc4 = self._nc4_batch(feats) if self._nc4 is not None else None
+
+        # Commit only now: everything above may raise without touching the state.
+        self._shift = shift
+        self._counts += counts
+        self._sums += sums
+        self._sq += sq
+        self._gram.addmm_(shifted.T, shifted)
+        if nc4 is not None:
+            self._nc4_mismatches += nc4
+            self._nc4_total += B
+
+    def _nc4_batch(self, feats: Tensor) -> Tensor:
+        weight, bias, means = self._nc4
+        x = feats.to(self.dtype)
+        logits = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+        # argmin_k ||x - mu_k||^2 = argmin_k (||mu_k||^2 - 2 x . mu_k)
+        nearest = torch.addmm((means * means).sum(1), x, means.T, alpha=-2).argmin(1)
+        return (logits.argmax(1) != nearest).sum()
+
+    # ---- read-out (the protocol of ncfast.metrics)
+
+    @property
+    def counts(self) -> Tensor:
+        """(K,) int64 samples per class."""
+        return self._counts
+
+    @property
+    def total(self) -> Tensor:
+        """N, the number of samples seen (0-dim int64 tensor)."""
+        return self._counts.sum()
+
+    def _present(self) -> Tensor:
+        return self._counts > 0
+
+    @property
+    def means(self) -> Tensor:
+        """(K, d) class means mu_k; rows of classes with no sample are zero."""
+        n = self._counts.clamp(min=1).to(self.dtype)[:, None]
+        return torch.where(self._present()[:, None], self._shift + self._sums / n, 0)
+
+    def _centred(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(mu, M2, per-class sum ||h - mu_k||^2) in float64."""
+        n = self._counts.clamp(min=1).double()
+        s = self._sums.double() * self._present()[:, None]
+        mu = torch.where(self._present()[:, None], self._shift.double() + s / n[:, None], 0)
+        m2 = self._gram.double() - (s / n[:, None]).T @ s
+        sq = self._sq.double() - (s * s).sum(1) / n
+        return mu, m2, sq
+
+    def sigma_w(self) -> Tensor:
+        """(d, d) pooled within-class covariance Sigma_W = M2 / N (theory.md 5.2), float64."""
+        return self._centred()[1] / self.total.clamp(min=1).double()
+
+    def class_variances(self) -> Tensor:
+        """(K,) v_k = (1/n_k) sum_{i in k} ||h_i - mu_k||^2 (0 for empty classes), float64."""
+        return self._centred()[2] / self._counts.clamp(min=1).double()
+
+    def global_mean(self, kind: str = "weighted") -> Tensor:
+        """(d,) sample-weighted mean (1/N) sum_i h_i, or the unweighted mean of the class means
+        of the classes that have samples."""
+        mu = self._centred()[0]
+        if kind == "weighted":
+            return (self._counts.double()[:, None] * mu).sum(0) / self.total.clamp(min=1).double()
+        if kind == "unweighted":
+            present = self._present()
+            return mu[present].mean(0)
+        raise ValueError(f"ncfast.ClassStats.global_mean: kind must be 'weighted' or "
+                         f"'unweighted', got {kind!r}")
+
+    @property
+    def nc4_mismatches(self) -> Tensor | None:
+        return self._nc4_mismatches if self._nc4 is not None else None
+
+    @property
+    def nc4_total(self) -> Tensor | None:
+        return self._nc4_total if self._nc4 is not None else None
+
+    # ---- combining
+
+    def _check_compatible(self, what: str, K: int, d: int) -> None:
+        if (K, d) != (self.num_classes, self.dim):
+            raise ValueError(f"ncfast.ClassStats.{what}: needs num_classes={self.num_classes} and "
+                             f"dim={self.dim}, got num_classes={K} and dim={d}")
+
+    def _set_centred(self, n: Tensor, mu: Tensor, m2: Tensor, sq: Tensor) -> None:
+        to = dict(device=self.device, dtype=self.dtype)
+        self._counts = n.to(device=self.device, dtype=torch.int64)
+        self._shift = mu.to(**to)
+        self._sums = torch.zeros_like(self._shift)
+        self._gram = m2.to(**to)
+        self._sq = sq.to(**to)
+
+    @torch.no_grad()
+    def merge(self, other: "ClassStats") -> "ClassStats":
+        """Add another accumulator's samples (pairwise Chan merge, exact); returns self."""
+        if not isinstance(other, ClassStats):
+            raise TypeError(f"ncfast.ClassStats.merge: other must be a ClassStats, got "
+                            f"{type(other).__name__}")
+        self._check_compatible("merge", other.num_classes, other.dim)
+        if (self._nc4 is None) != (other._nc4 is None):
+            raise ValueError("ncfast.ClassStats.merge: both accumulators must count NC4, or "
+                             "neither")
+        mu_a, m2_a, sq_a = self._centred()
+        mu_b, m2_b, sq_b = (t.to(self.device) for t in other._centred())
+        n_a, n_b = self._counts.double(), other._counts.to(self.device).double()
+        n = n_a + n_b
+        w = torch.where(n > 0, n_a * n_b / n.clamp(min=1), 0)
+        delta = mu_b - mu_a
+        mu = torch.where((n > 0)[:, None], mu_a + delta * (n_b / n.clamp(min=1))[:, None], 0)
+        m2 = m2_a + m2_b + (delta * w[:, None]).T @ delta
+        sq = sq_a + sq_b + w * (delta * delta).sum(1)
+        self._set_centred(n, mu, m2, sq)
+        self._nc4_mismatches += other._nc4_mismatches.to(self.device)
+        self._nc4_total += other._nc4_total.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> "ClassStats":
+        """Combine the accumulators of every rank in ``group`` (torch.distributed), exactly:
+        two all-reduces of centred quantities (theory.md 5.8), never raw second moments. Every
+        rank ends with the same state. Returns self."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ncfast.ClassStats.all_reduce: torch.distributed is not "
+                               "initialised")
+        mu_r, m2_r, sq_r = self._centred()
+        n_r = self._counts.double()
+        first = torch.cat([n_r, (n_r[:, None] * mu_r).reshape(-1)])
+        dist.all_reduce(first, group=group)
+        K, d = self.num_classes, self.dim
+        n = first[:K]
+        mu = torch.where((n > 0)[:, None], first[K:].reshape(K, d) / n.clamp(min=1)[:, None], 0)
+        delta = mu_r - mu
+        second = torch.cat([
+            (m2_r + (delta * n_r[:, None]).T @ delta).reshape(-1),
+            sq_r + n_r * (delta * delta).sum(1),
+            torch.stack([self._nc4_mismatches, self._nc4_total]).double(),
+        ])
+        dist.all_reduce(second, group=group)
+        m2 = second[: d * d].reshape(d, d)
+        sq = second[d * d: d * d + K]
+        self._set_centred(n, mu, m2, sq)
+        self._nc4_mismatches = second[-2].round().to(torch.int64)
+        self._nc4_total = second[-1].round().to(torch.int64)
+        return self
+
+    # ---- persistence
+
+    def state_dict(self) -> dict:
+        """Tensors and metadata; ``load_state_dict`` restores them exactly."""
+        return {
+            "version": STATE_VERSION, "num_classes": self.num_classes, "dim": self.dim,
+            "counts": self._counts.clone(), "shift": self._shift.clone(),
+            "sums": self._sums.clone(), "sq": self._sq.clone(), "gram": self._gram.clone(),
+            "nc4_mismatches": self._nc4_mismatches.clone(), "nc4_total": self._nc4_total.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict``; K or d mismatch raises and leaves this accumulator as is."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"ncfast.ClassStats.load_state_dict: expected a ClassStats state "
+                             f"of version {STATE_VERSION}")
+        self._check_compatible("load_state_dict", state["num_classes"], state["dim"])
+        to = dict(device=self.device, dtype=self.dtype)
+        self._counts = state["counts"].to(device=self.device, dtype=torch.int64).clone()
+        self._shift = state["shift"].to(**to).clone()
+        self._sums = state["sums"].to(**to).clone()
+        self._sq = state["sq"].to(**to).clone()
+        self._gram = state["gram"].to(**to).clone()
+        self._nc4_mismatches = state["nc4_mismatches"].to(self.device).clone()
+        self._nc4_total = state["nc4_total"].to(self.device).clone()
+
+    def __repr__(self) -> str:
+        return (f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, "
+                f"dtype={self.dtype}, device={self.device}, samples={int(self.total)})")
