@@ -23,6 +23,10 @@ TORCH_LIBRARY(ncfast, m) {
   m.def(
       "class_moments(Tensor features, Tensor labels, Tensor shift) -> "
       "(Tensor counts, Tensor sums, Tensor sq, Tensor shifted)");
+  // NC4 (theory.md 5.6), after one GEMM of a batch against [W; means] (scores, B x 2K): counts
+  // rows whose classifier prediction argmax_k (scores[:, k] + bias_k) differs from the nearest
+  // class mean argmin_k (sq_norms_k - 2 scores[:, K + k]). Returns a 0-dim int64 count.
+  m.def("nc4_mismatches(Tensor scores, Tensor? bias, Tensor sq_norms) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

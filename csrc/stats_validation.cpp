@@ -32,4 +32,25 @@ void check_class_moments_args(const at::Tensor& features, const at::Tensor& labe
                     op, ": features, labels and the state must be on one device");
 }
 
+void check_nc4_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& sq_norms) {
+  constexpr const char* op = "ncfast.ClassStats (NC4)";
+  TORCH_CHECK_VALUE(sq_norms.dim() == 1 && sq_norms.size(0) >= 1, op,
+                    ": sq_norms must be 1-D with one entry per class");
+  const int64_t K = sq_norms.size(0);
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == 2 * K, op,
+                    ": scores must be (batch, 2K) = (batch, ", 2 * K, ")");
+  TORCH_CHECK_TYPE(scores.scalar_type() == sq_norms.scalar_type() &&
+                       (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
+                   op, ": scores and sq_norms must share a float32 or float64 dtype");
+  TORCH_CHECK_VALUE(sq_norms.device() == scores.device(), op, ": inputs must share a device");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == K, op,
+                      ": bias must be 1-D with one entry per class");
+    TORCH_CHECK_TYPE(bias->scalar_type() == scores.scalar_type(), op,
+                     ": bias must have the dtype of scores");
+    TORCH_CHECK_VALUE(bias->device() == scores.device(), op, ": inputs must share a device");
+  }
+}
+
 }  // namespace ncfast

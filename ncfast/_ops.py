@@ -313,3 +313,11 @@ def _class_moments_fake(features, labels, shift):
     K, d = shift.shape
     return (shift.new_empty(K, dtype=torch.int64), shift.new_empty(K, d), shift.new_empty(K),
             shift.new_empty(features.shape[0], d))
+
+
+@torch.library.register_fake("ncfast::nc4_mismatches")
+def _nc4_mismatches_fake(scores, bias, sq_norms):
+    if scores.dim() != 2 or sq_norms.dim() != 1 or scores.shape[1] != 2 * sq_norms.shape[0]:
+        raise ValueError("ncfast.ClassStats (NC4): scores must be (batch, 2K) = (batch, "
+                         f"{2 * sq_norms.shape[0]})")
+    return scores.new_empty((), dtype=torch.int64)

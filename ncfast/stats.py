@@ -94,8 +94,9 @@ class ClassStats:
                 raise ValueError(f"ncfast.ClassStats: {name} must have shape {list(shape)}, "
                                  f"got {list(t.shape)}")
         to = dict(device=self.device, dtype=self.dtype)
-        return (weight.detach().to(**to), None if bias is None else bias.detach().to(**to),
-                means.detach().to(**to))
+        means = means.detach().to(**to)
+        return (torch.cat([weight.detach().to(**to), means]),
+                None if bias is None else bias.detach().to(**to), (means * means).sum(1))
 
     # ---- accumulation
 
@@ -180,12 +181,11 @@ class ClassStats:
             self._nc4_total += B
 
     def _nc4_batch(self, feats: Tensor) -> Tensor:
-        weight, bias, means = self._nc4
-        x = feats.to(self.dtype)
-        logits = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
-        # argmin_k ||x - mu_k||^2 = argmin_k (||mu_k||^2 - 2 x . mu_k)
-        nearest = torch.addmm((means * means).sum(1), x, means.T, alpha=-2).argmin(1)
-        return (logits.argmax(1) != nearest).sum()
+        # One GEMM against [W; means], then one fused pass: argmax of the logits (+ bias) vs
+        # argmin_k ||x - mu_k||^2 = argmin_k (||mu_k||^2 - 2 x . mu_k), counted on the device.
+        stacked, bias, sq_norms = self._nc4
+        scores = feats.to(self.dtype) @ stacked.T
+        return torch.ops.ncfast.nc4_mismatches(scores, bias, sq_norms)
 
     # ---- read-out (the protocol of ncfast.metrics)
 

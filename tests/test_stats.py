@@ -242,3 +242,23 @@ def test_two_process_gloo_all_reduce_equals_single_process(tmp_path):
         assert_close(results[rank]["means"], one.means, rtol=1e-12, atol=1e-12)
         assert_close(results[rank]["sigma_w"], one.sigma_w(), rtol=1e-12, atol=1e-12)
         assert_close(results[rank]["var"], one.class_variances(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_nc4_kernel_matches_argmax_argmin(device, with_bias):
+    gen = torch.Generator().manual_seed(7)
+    B, K = 300, 37
+    scores = torch.randn(B, 2 * K, generator=gen, dtype=torch.float64)
+    scores[:5, :K] = 1.0  # ties: the first index wins, as torch.argmax does
+    sq = torch.rand(K, generator=gen, dtype=torch.float64)
+    bias = torch.randn(K, generator=gen, dtype=torch.float64) if with_bias else None
+    logits = scores[:, :K] + (bias if with_bias else 0)
+    nearest = (sq - 2 * scores[:, K:]).argmin(1)
+    expected = (logits.argmax(1) != nearest).sum().item()
+    def to(t):
+        return t.to(device)
+
+    got = torch.ops.ncfast.nc4_mismatches(to(scores), None if bias is None else to(bias), to(sq))
+    assert got.item() == expected and 0 < expected < B
+    torch.library.opcheck(torch.ops.ncfast.nc4_mismatches.default,
+                          (to(scores), None if bias is None else to(bias), to(sq)))

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <ncfast/stats.h>
@@ -78,9 +80,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
   return {counts, sums, sq, shifted};
 }
 
+at::Tensor nc4_mismatches_cpu(const at::Tensor& scores_in, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& sq_norms_in) {
+  check_nc4_args(scores_in, bias, sq_norms_in);
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor sq_norms = sq_norms_in.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros_like(sq_norms);
+  const int64_t B = scores.size(0), K = sq_norms.size(0);
+  int64_t mismatches = 0;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "nc4_mismatches_cpu", [&] {
+    const scalar_t* s = scores.const_data_ptr<scalar_t>();
+    const scalar_t* bb = b.const_data_ptr<scalar_t>();
+    const scalar_t* q = sq_norms.const_data_ptr<scalar_t>();
+    std::mutex lock;
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+      int64_t local = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row = s + i * 2 * K;
+        int64_t pred = 0, nearest = 0;
+        scalar_t best_logit = row[0] + bb[0], best_dist = q[0] - 2 * row[K];
+        for (int64_t k = 1; k < K; ++k) {  // first index wins ties, as torch's argmax/argmin
+          const scalar_t logit = row[k] + bb[k], dist = q[k] - 2 * row[K + k];
+          if (logit > best_logit) best_logit = logit, pred = k;
+          if (dist < best_dist) best_dist = dist, nearest = k;
+        }
+        local += pred != nearest;
+      }
+      const std::lock_guard<std::mutex> guard(lock);
+      mismatches += local;
+    });
+  });
+  return at::full({}, mismatches, scores.options().dtype(at::kLong));
+}
+
 }  // namespace
 }  // namespace ncfast
 
 TORCH_LIBRARY_IMPL(ncfast, CPU, m) {
   m.impl("class_moments", &ncfast::class_moments_cpu);
+  m.impl("nc4_mismatches", &ncfast::nc4_mismatches_cpu);
 }

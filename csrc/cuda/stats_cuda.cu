@@ -87,9 +87,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(
   return {counts, sums, sq, shifted};
 }
 
+// One warp per row: each lane scans a strided slice of the classes, then the warp reduces
+// (value, index) pairs, keeping the lowest index on ties as torch's argmax/argmin do.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    nc4_mismatches_kernel(const scalar_t* __restrict__ scores, const scalar_t* __restrict__ bias,
+                          const scalar_t* __restrict__ sq_norms,
+                          unsigned long long* __restrict__ count, int64_t B, int64_t K) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; i < B;
+       i += warps) {
+    const scalar_t* row = scores + i * 2 * K;
+    scalar_t best_logit = -INFINITY, best_dist = INFINITY;
+    int64_t pred = K, nearest = K;
+    for (int64_t k = lane; k < K; k += 32) {
+      const scalar_t logit = row[k] + (bias != nullptr ? bias[k] : scalar_t(0));
+      const scalar_t dist = sq_norms[k] - 2 * row[K + k];
+      if (logit > best_logit) best_logit = logit, pred = k;
+      if (dist < best_dist) best_dist = dist, nearest = k;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const scalar_t other_logit = __shfl_xor_sync(0xffffffffu, best_logit, offset);
+      const int64_t other_pred = __shfl_xor_sync(0xffffffffu, pred, offset);
+      const scalar_t other_dist = __shfl_xor_sync(0xffffffffu, best_dist, offset);
+      const int64_t other_nearest = __shfl_xor_sync(0xffffffffu, nearest, offset);
+      if (other_logit > best_logit || (other_logit == best_logit && other_pred < pred)) {
+        best_logit = other_logit, pred = other_pred;
+      }
+      if (other_dist < best_dist || (other_dist == best_dist && other_nearest < nearest)) {
+        best_dist = other_dist, nearest = other_nearest;
+      }
+    }
+    if (lane == 0 && pred != nearest) atomicAdd(count, 1ull);
+  }
+}
+
+at::Tensor nc4_mismatches_cuda(const at::Tensor& scores_in, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& sq_norms_in) {
+  check_nc4_args(scores_in, bias, sq_norms_in);
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor sq_norms = sq_norms_in.contiguous();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const int64_t B = scores.size(0), K = sq_norms.size(0);
+  at::Tensor count = at::zeros({}, scores.options().dtype(at::kLong));
+  if (B == 0) {
+    return count;
+  }
+  const unsigned int grid =
+      static_cast<unsigned int>(std::min<int64_t>((B + 7) / 8, int64_t{1} << 20));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "nc4_mismatches_cuda", [&] {
+    nc4_mismatches_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        scores.const_data_ptr<scalar_t>(),
+        b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr,
+        sq_norms.const_data_ptr<scalar_t>(),
+        reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()), B, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return count;
+}
+
 }  // namespace
 }  // namespace ncfast
 
 TORCH_LIBRARY_IMPL(ncfast, CUDA, m) {
   m.impl("class_moments", &ncfast::class_moments_cuda);
+  m.impl("nc4_mismatches", &ncfast::nc4_mismatches_cuda);
 }
