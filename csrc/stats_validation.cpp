@@ -1,9 +1,12 @@
-// Argument validation of the class-statistics op, shared by every device.
+// Argument validation and output allocation of the class-statistics ops, shared by every
+// device.
 #include <ncfast/stats.h>
 
 #include <sstream>
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 namespace ncfast {
@@ -30,6 +33,14 @@ void check_class_moments_args(const at::Tensor& features, const at::Tensor& labe
                    ": the state dtype must be the accumulate type of the features");
   TORCH_CHECK_VALUE(labels.device() == features.device() && shift.device() == features.device(),
                     op, ": features, labels and the state must be on one device");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> new_class_moments(
+    int64_t B, const at::Tensor& shift) {
+  const int64_t K = shift.size(0), d = shift.size(1);
+  const auto options = shift.options();
+  return {at::zeros({K}, options.dtype(at::kLong)), at::zeros({K, d}, options),
+          at::zeros({K}, options), at::empty({B, d}, options)};
 }
 
 void check_nc4_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,

@@ -27,11 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor shift = shift_in.contiguous();
   const int64_t B = features.size(0), d = features.size(1), K = shift.size(0);
-  const auto acc_options = shift.options();
-  at::Tensor counts = at::zeros({K}, acc_options.dtype(at::kLong));
-  at::Tensor sums = at::zeros({K, d}, acc_options);
-  at::Tensor sq = at::zeros({K}, acc_options);
-  at::Tensor shifted = at::empty({B, d}, acc_options);
+  auto [counts, sums, sq, shifted] = new_class_moments(B, shift);
   if (B == 0 || d == 0) {
     return {counts, sums, sq, shifted};
   }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -11,6 +12,11 @@ namespace ncfast {
 // Checks of ncfast::class_moments (mirrored by the fake in ncfast/_ops.py).
 void check_class_moments_args(const at::Tensor& features, const at::Tensor& labels,
                               const at::Tensor& shift);
+
+// The outputs of ncfast::class_moments, allocated for a batch of B rows: counts, sums and sq
+// zeroed (kernels accumulate into them), shifted uninitialised (kernels write every entry).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> new_class_moments(
+    int64_t B, const at::Tensor& shift);
 
 // Checks of ncfast::nc4_mismatches.
 void check_nc4_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
