@@ -18,8 +18,8 @@ class ClassStats:
     State (theory.md 5.8, *shifted* form). Every class k has a reference point c_k, set to its
     first sample when the class is first seen. The accumulator keeps n_k, S_k = sum (h - c_k),
     per-class sum ||h - c_k||^2 and the pooled Gram Q = sum (h - c_{y})(h - c_{y})^T, so one
-    batch costs one fused pass (``torch.ops.ncfast.class_moments``) and one d x d Gram product,
-    with no per-batch K x d^2 correction. The centred quantities follow exactly at read time:
+    batch costs one fused pass (``torch.ops.ncfast.class_moments``) and one d x d Gram product
+    (its upper block triangle only: Q is symmetric), with no per-batch K x d^2 correction. The centred quantities follow exactly at read time:
 
         mu_k = c_k + S_k / n_k,     M2 = Q - sum_k S_k S_k^T / n_k,     Sigma_W = M2 / N.
 
@@ -78,6 +78,7 @@ class ClassStats:
         self._sums = torch.zeros(K, d, **opts)
         self._sq = torch.zeros(K, **opts)
         self._gram = torch.zeros(d, d, **opts)
+        self._all_seen = False  # once every class has a reference point, updates skip that work
         self._nc4_mismatches = torch.zeros((), device=self.device, dtype=torch.int64)
         self._nc4_total = torch.zeros((), device=self.device, dtype=torch.int64)
 
@@ -157,13 +158,7 @@ class ClassStats:
         # The kernel indexes by label: clamped labels keep it in bounds whatever the input;
         # a batch with bad labels is then rejected below, before anything is committed.
         safe_labels = labels.clamp(0, K - 1)
-        # Classes seen for the first time take their first sample as reference point.
-        rows = torch.arange(B, device=self.device)
-        first = torch.full((K,), B, device=self.device, dtype=torch.int64)
-        first.scatter_reduce_(0, safe_labels.long(), rows, reduce="amin")
-        newly_seen = (self._counts == 0) & (first < B)
-        candidates = feats.index_select(0, first.clamp(max=B - 1)).to(self.dtype)
-        shift = torch.where(newly_seen[:, None], candidates, self._shift)
+        shift = self._shift if self._all_seen else self._new_shift(feats, safe_labels)
 
         counts, sums, sq, shifted = torch.ops.ncfast.class_moments(feats, safe_labels, shift)
         if self.check_inputs:
@@ -175,10 +170,43 @@ class ClassStats:
         self._counts += counts
         self._sums += sums
         self._sq += sq
-        self._gram.addmm_(shifted.T, shifted)
+        self._accumulate_gram(shifted)
         if nc4 is not None:
             self._nc4_mismatches += nc4
             self._nc4_total += B
+        if self.device.type == "cpu" and not self._all_seen:  # a free read on the CPU only
+            self._all_seen = bool(self._counts.all())
+
+    def _new_shift(self, feats: Tensor, labels: Tensor) -> Tensor:
+        """Reference points after this batch: classes seen for the first time take their first
+        sample in it."""
+        K, B = self.num_classes, feats.shape[0]
+        first = torch.full((K,), B, device=self.device, dtype=torch.int64)
+        first.scatter_reduce_(0, labels.long(), torch.arange(B, device=self.device), reduce="amin")
+        newly_seen = (self._counts == 0) & (first < B)
+        candidates = feats.index_select(0, first.clamp(max=B - 1)).to(self.dtype)
+        return torch.where(newly_seen[:, None], candidates, self._shift)
+
+    def _gram_blocks(self) -> list[tuple[int, int]]:
+        # Two column blocks once d is large enough for half-size GEMMs to stay efficient: the
+        # upper block triangle then costs 3/4 of the full product.
+        half = self.dim // 2 if self.dim >= 256 else self.dim
+        return [(0, half), (half, self.dim)] if half < self.dim else [(0, self.dim)]
+
+    def _accumulate_gram(self, shifted: Tensor) -> None:
+        """Q += X^T X on the upper block triangle only (Q is symmetric; see _full_gram)."""
+        for start, stop in self._gram_blocks():
+            self._gram[start:stop, start:].addmm_(shifted[:, start:stop].T, shifted[:, start:])
+
+    def _full_gram(self) -> Tensor:
+        """Q with its lower block triangle filled in from the upper one."""
+        blocks = self._gram_blocks()
+        if len(blocks) == 1:
+            return self._gram
+        (_, half), _ = blocks
+        full = self._gram.clone()
+        full[half:, :half] = self._gram[:half, half:].T
+        return full
 
     def _nc4_batch(self, feats: Tensor) -> Tensor:
         # One GEMM against [W; means], then one fused pass: argmax of the logits (+ bias) vs
@@ -213,7 +241,7 @@ class ClassStats:
         n = self._counts.clamp(min=1).double()
         s = self._sums.double() * self._present()[:, None]
         mu = torch.where(self._present()[:, None], self._shift.double() + s / n[:, None], 0)
-        m2 = self._gram.double() - (s / n[:, None]).T @ s
+        m2 = self._full_gram().double() - (s / n[:, None]).T @ s
         sq = self._sq.double() - (s * s).sum(1) / n
         return mu, m2, sq
 
@@ -259,6 +287,7 @@ class ClassStats:
         self._sums = torch.zeros_like(self._shift)
         self._gram = m2.to(**to)
         self._sq = sq.to(**to)
+        self._all_seen = False
 
     @torch.no_grad()
     def merge(self, other: "ClassStats") -> "ClassStats":
@@ -320,7 +349,7 @@ class ClassStats:
         return {
             "version": STATE_VERSION, "num_classes": self.num_classes, "dim": self.dim,
             "counts": self._counts.clone(), "shift": self._shift.clone(),
-            "sums": self._sums.clone(), "sq": self._sq.clone(), "gram": self._gram.clone(),
+            "sums": self._sums.clone(), "sq": self._sq.clone(), "gram": self._full_gram().clone(),
             "nc4_mismatches": self._nc4_mismatches.clone(), "nc4_total": self._nc4_total.clone(),
         }
 
@@ -336,6 +365,7 @@ class ClassStats:
         self._sums = state["sums"].to(**to).clone()
         self._sq = state["sq"].to(**to).clone()
         self._gram = state["gram"].to(**to).clone()
+        self._all_seen = False
         self._nc4_mismatches = state["nc4_mismatches"].to(self.device).clone()
         self._nc4_total = state["nc4_total"].to(self.device).clone()
 

@@ -262,3 +262,16 @@ def test_nc4_kernel_matches_argmax_argmin(device, with_bias):
     assert got.item() == expected and 0 < expected < B
     torch.library.opcheck(torch.ops.ncfast.nc4_mismatches.default,
                           (to(scores), None if bias is None else to(bias), to(sq)))
+
+
+def test_wide_features_use_the_block_triangular_gram_exactly(device):
+    # d >= 256 accumulates only the upper block triangle of the Gram product.
+    feats, labels = mixture(3, 300, 15, 0.2, dtype=torch.float64, unbalanced=True)
+    ref = reference.class_stats(feats, labels, 3)
+    stats = stream(feats, labels, 3, 11, device=device, dtype=torch.float64)
+    assert_close(stats.sigma_w().cpu(), ref.sigma_w(), rtol=1e-12, atol=1e-12)
+    clone = ncfast.ClassStats(3, 300, device=device, dtype=torch.float64)
+    clone.load_state_dict(stats.state_dict())
+    clone.merge(stream(feats, labels, 3, 7, device=device, dtype=torch.float64))
+    doubled = reference.class_stats(torch.cat([feats, feats]), torch.cat([labels, labels]), 3)
+    assert_close(clone.sigma_w().cpu(), doubled.sigma_w(), rtol=1e-12, atol=1e-12)

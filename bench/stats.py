@@ -1,0 +1,258 @@
+"""Streaming class-statistics benchmark: one pass of ncfast.ClassStats over N samples in batches
+against the NC papers' per-sample approach, a two-pass one-hot torch approach and the x^T x
+floor. `python -m bench.stats`."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import ncfast
+import ncfast.reference
+
+from . import harness
+
+SEED = 0
+BATCH = 256
+# Class-mean entries N(0, 1), within-class noise N(0, NOISE^2) per coordinate: clearly
+# separated classes with small spread, never zeros.
+NOISE = 0.1
+# Relative Frobenius error of Sigma_W and of the class means against the float64 reference that
+# every candidate (all accumulate in float32) must meet before anything is timed.
+GATE = 1e-4
+
+# (N, d, K) per device; --quick uses a smaller N.
+SHAPES = {"cpu": (50_000, 512, 100), "cuda": (200_000, 2048, 1000)}
+QUICK_N = {"cpu": 10_000, "cuda": 40_000}
+# Baseline (a) costs a Python iteration and a d x d outer product per sample: it is timed on the
+# first A_SUBSET samples (whole batches) and its time scaled linearly to N.
+A_SUBSET = {"cpu": 2048, "cuda": 20_480}
+
+
+# ------------------------------------------------------------------------------- candidates
+
+def ncfast_pass(batches, K: int, d: int, device: str, check_inputs: bool = True):
+    stats = ncfast.ClassStats(K, d, device=device, check_inputs=check_inputs)
+    for x, y in batches:
+        stats.update(x, y)
+    return stats.sigma_w(), stats.means
+
+
+def authors_pass(batches, K: int, d: int, device: str):
+    """(a) The approach of the NC papers' public code: every sample goes through the Python
+    interpreter (label read with .item(), feature vector appended to its class's list); then per
+    class: stack, mean, and the scatter as a sum of one outer product per sample."""
+    features_by_class = [[] for _ in range(K)]
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            features_by_class[y[i].item()].append(x[i])
+
+    N = 0
+    means = torch.zeros(K, d, device=device, dtype=batches[0][0].dtype)
+    Sigma_W = 0
+    for k in range(K):
+        if not features_by_class[k]:
+            continue
+        h_k = torch.stack(features_by_class[k])
+        mu_k = h_k.mean(0)
+        means[k] = mu_k
+        for i in range(h_k.shape[0]):
+            z = h_k[i] - mu_k
+            Sigma_W += torch.outer(z, z)
+        N += h_k.shape[0]
+    return Sigma_W / N, means
+
+
+def onehot_two_pass(batches, K: int, d: int, device: str):
+    """(b) Two passes with one-hot matrix products: class sums and counts, then the centred
+    scatter."""
+    dtype = batches[0][0].dtype
+    sums = torch.zeros(K, d, device=device, dtype=dtype)
+    counts = torch.zeros(K, device=device, dtype=dtype)
+    for x, y in batches:
+        onehot = F.one_hot(y, K).to(dtype)
+        sums.addmm_(onehot.T, x)
+        counts += onehot.sum(0)
+    means = sums / counts.clamp(min=1)[:, None]
+    scatter = torch.zeros(d, d, device=device, dtype=dtype)
+    N = 0
+    for x, y in batches:
+        xc = x - means[y]
+        scatter.addmm_(xc.T, xc)
+        N += x.shape[0]
+    return scatter / N, means
+
+
+def floor_pass(batches, K: int, d: int, device: str):
+    """(c) The floor: only the d x d Gram product of each batch, x^T x, accumulated."""
+    gram = torch.zeros(d, d, device=device, dtype=batches[0][0].dtype)
+    for x, _ in batches:
+        gram.addmm_(x.T, x)
+    return gram
+
+
+# ------------------------------------------------------------------------------- data, gate
+
+def make_batches(N: int, d: int, K: int, device: str):
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    class_means = torch.randn(K, d, generator=gen, device=device)
+    labels = torch.randint(0, K, (N,), generator=gen, device=device)
+    features = torch.randn(N, d, generator=gen, device=device).mul_(NOISE).add_(class_means[labels])
+    return features, labels, list(zip(features.split(BATCH), labels.split(BATCH)))
+
+
+def rel_frobenius(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.to(torch.float64)
+    return float(torch.linalg.norm(actual.to(torch.float64) - expected)
+                 / torch.linalg.norm(expected))
+
+
+def gate(label: str, result, ref) -> dict:
+    """Relative Frobenius errors of (Sigma_W, means); raises CorrectnessError above GATE."""
+    sigma_w, means = result
+    errors = {"Sigma_W": rel_frobenius(sigma_w, ref.within_cov),
+              "means": rel_frobenius(means, ref.means)}
+    for what, err in errors.items():
+        if not err <= GATE:  # also catches NaN
+            raise harness.CorrectnessError(
+                f"correctness gate failed for {label}: relative Frobenius error of {what} "
+                f"{err:.3g} > {GATE:g} against ncfast.reference.class_stats (float64)")
+    return {"candidate": label, **{f"{k} rel. error": f"{v:.1e}" for k, v in errors.items()}}
+
+
+# ------------------------------------------------------------------------------- the bench
+
+def bench(N: int, d: int, K: int, device: str, min_run_time: float):
+    features, labels, batches = make_batches(N, d, K, device)
+    n_a = min(N, A_SUBSET[device])
+    batches_a = batches[:math.ceil(n_a / BATCH)]
+    n_a = sum(x.shape[0] for x, _ in batches_a)
+
+    ncfast_variants = {"ncfast": lambda: ncfast_pass(batches, K, d, device)}
+    if device == "cuda":
+        ncfast_variants["ncfast unchecked"] = lambda: ncfast_pass(batches, K, d, device,
+                                                                  check_inputs=False)
+    candidates = {
+        **ncfast_variants,
+        "(a)": lambda: authors_pass(batches_a, K, d, device),
+        "(b)": lambda: onehot_two_pass(batches, K, d, device),
+        "(c)": lambda: floor_pass(batches, K, d, device),
+    }
+
+    # Every candidate passes the gate before any is timed (the floor computes something else:
+    # it is only checked to be finite).
+    ref = ncfast.reference.class_stats(features, labels, K)
+    ref_a = ncfast.reference.class_stats(features[:n_a], labels[:n_a], K) if n_a < N else ref
+    where = f"N={N} d={d} K={K} {device}"
+    gate_rows = []
+    for name in ncfast_variants:
+        gate_rows.append(gate(f"{name} ({where})", candidates[name](), ref))
+    label_a = f"(a) on the first {n_a} samples" if n_a < N else "(a)"
+    gate_rows.append(gate(f"{label_a} ({where})", candidates["(a)"](), ref_a))
+    gate_rows.append(gate(f"(b) ({where})", candidates["(b)"](), ref))
+    if not bool(torch.isfinite(candidates["(c)"]()).all()):
+        raise harness.CorrectnessError(f"(c) floor produced a non-finite Gram ({where})")
+    del ref, ref_a
+    print(f"gate passed: {where}", file=sys.stderr, flush=True)
+
+    times = {}
+    for name, fn in candidates.items():
+        times[name] = harness.median_time(fn, device, min_run_time)
+        print(f"timed {name}: {harness.fmt_time(times[name])}", file=sys.stderr, flush=True)
+    times["(a) measured"] = times["(a)"]
+    times["(a)"] *= N / n_a
+    return {"N": N, "d": d, "K": K, "n_a": n_a, "times": times,
+            "variants": list(ncfast_variants), "gate": gate_rows}
+
+
+def format_rows(r: dict) -> tuple[list[dict], list[str]]:
+    t = r["times"]
+    col_a = f"(a) extrapolated from n={r['n_a']}" if r["n_a"] < r["N"] else "(a)"
+    rows = []
+    for variant in r["variants"]:
+        rows.append({
+            "N": r["N"], "d": r["d"], "K": r["K"], "ncfast variant": variant,
+            "ncfast": harness.fmt_time(t[variant]),
+            col_a: harness.fmt_time(t["(a)"]),
+            "(b) one-hot two-pass": harness.fmt_time(t["(b)"]),
+            "(c) floor": harness.fmt_time(t["(c)"]),
+            "vs (a)": harness.fmt_ratio(t["(a)"] / t[variant]),
+            "vs (b)": harness.fmt_ratio(t["(b)"] / t[variant]),
+            "x floor": harness.fmt_ratio(t[variant] / t["(c)"]),
+        })
+    columns = ["N", "d", "K", "ncfast variant", "ncfast", col_a, "(b) one-hot two-pass",
+               "(c) floor", "vs (a)", "vs (b)", "x floor"]
+    return rows, columns
+
+
+def caption(r: dict, device: str) -> str:
+    t = r["times"]
+    text = (
+        f"One pass of streaming class statistics over N samples in batches of {BATCH} (fp32 "
+        f"features, pre-generated on the device: class means N(0,1) + N(0,{NOISE:g}²) noise, "
+        f"seed {SEED}), median time of the whole pass including the read-out of Σ_W and the "
+        "class means. **ncfast**: `ncfast.ClassStats(K, d)`, `update` per batch, then "
+        "`sigma_w()` and `means`. **(a)**: the NC papers' public code: per sample a Python "
+        "iteration (`.item()` on the label, feature vector appended to its class's list); at the "
+        "end per class `torch.stack`, the mean, and Σ_W as a sum of one `torch.outer` per "
+        "sample, / N. "
+    )
+    if r["n_a"] < r["N"]:
+        text += (f"(a) is **extrapolated**: timed on the first {r['n_a']} samples "
+                 f"({harness.fmt_time(t['(a) measured'])}) and scaled linearly by "
+                 f"N/n = {r['N'] / r['n_a']:.3g}. ")
+    text += (
+        "**(b)**: two passes with one-hot matrix products: class sums `one_hot(y, K).T @ x` and "
+        "counts, then `x - means[y]` and `Xc.T @ Xc` accumulated. **(c) floor**: only "
+        "`gram.addmm_(x.T, x)` per batch, the d x d Gram product every method needs. "
+        "**vs (a), vs (b)**: baseline time / ncfast time (above 1: ncfast is faster). "
+        "**x floor**: ncfast time / floor time (1.00x: as fast as the floor)."
+    )
+    if device == "cuda":
+        text += (" **ncfast unchecked**: `ClassStats(check_inputs=False)`: no label-range and "
+                 "finiteness check, so no host synchronisation per batch.")
+    return text
+
+
+def main(argv=None) -> None:
+    parser = harness.base_parser("python -m bench.stats", __doc__.splitlines()[0])
+    args = harness.parse_args(parser, argv)
+    device = args.device
+    if args.dtypes and args.dtypes != [torch.float32]:
+        parser.error("bench.stats measures fp32 features only (--dtypes fp32)")
+    if args.shapes:
+        if any(len(s) != 3 for s in args.shapes):
+            parser.error("bench.stats: --shapes takes NxdxK, e.g. 50000x512x100")
+        shapes = args.shapes
+    else:
+        N, d, K = SHAPES[device]
+        shapes = [(QUICK_N[device] if args.quick else N, d, K)]
+
+    env = harness.environment(device, {
+        "settings": f"min_run_time={args.min_run_time:g} s per measurement, batch={BATCH}, "
+                    f"seed={SEED}, noise std={NOISE:g}, gate: relative Frobenius error "
+                    f"<= {GATE:g}"})
+    others = harness.OtherCpuUse()
+    sections, gate_rows = [], []
+    for N, d, K in shapes:
+        r = bench(N, d, K, device, args.min_run_time)
+        rows, columns = format_rows(r)
+        sections.append(harness.markdown_table(rows, columns, caption(r, device)))
+        gate_rows += r["gate"]
+        print(f"done: N={N} d={d} K={K}", file=sys.stderr, flush=True)
+
+    sections.append(harness.markdown_table(
+        gate_rows, ["candidate", "Sigma_W rel. error", "means rel. error"],
+        caption="Correctness gate, passed before any timing: relative Frobenius error against "
+                "`ncfast.reference.class_stats` (float64, two-pass) on the same samples."))
+    env["load average at end (1/5/15 min)"] = harness.load_average()
+    env["CPU used by other processes during the run"] = others.report()
+    harness.emit(harness.render_results("ncfast class-statistics benchmark", env, sections),
+                 args.out)
+
+
+if __name__ == "__main__":
+    main()
