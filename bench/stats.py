@@ -44,7 +44,8 @@ def ncfast_pass(batches, K: int, d: int, device: str, check_inputs: bool = True)
 def authors_pass(batches, K: int, d: int, device: str):
     """(a) The approach of the NC papers' public code: every sample goes through the Python
     interpreter (label read with .item(), feature vector appended to its class's list); then per
-    class: stack, mean, and the scatter as a sum of one outer product per sample."""
+    class: stack, mean, and the scatter as a sum of one outer product per sample (a (d,1) @ (1,d)
+    matmul, as that code computes it)."""
     features_by_class = [[] for _ in range(K)]
     for x, y in batches:
         for i in range(x.shape[0]):
@@ -61,7 +62,8 @@ def authors_pass(batches, K: int, d: int, device: str):
         means[k] = mu_k
         for i in range(h_k.shape[0]):
             z = h_k[i] - mu_k
-            Sigma_W += torch.outer(z, z)
+            # as the public NC code writes the per-sample outer product
+            Sigma_W += z.unsqueeze(1) @ z.unsqueeze(0)
         N += h_k.shape[0]
     return Sigma_W / N, means
 
