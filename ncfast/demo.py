@@ -1,6 +1,7 @@
 """The fused loss on an embedded default problem: a seeded Gaussian mixture, a small MLP trained
-with the rescaled MSE, and a check of the fused kernel against ncfast.reference. Runs on a CPU
-in seconds; the training issue's `ncfast train` supersedes it as the main job."""
+with the rescaled MSE, a check of the fused kernel against ncfast.reference, and the collapse
+of the learned features (ncfast.measure). Runs on a CPU in seconds; the training issue's
+`ncfast train` supersedes it as the main job."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def run(steps: int = 300, k: float = 1.0, M: float = 1.0, seed: int = 0) -> dict
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loss_fn = ncfast.RescaledMSELoss(k=k, M=M)
     print(f"rescaled MSE (k={k:g}, M={M:g}) on a 10-class Gaussian mixture, {len(y)} samples")
+    nc1_start = ncfast.measure(model, [(x, y)], nc4=False).metrics.nc1
     start = time.perf_counter()
     for step in range(steps + 1):
         logits = model(x)
@@ -48,7 +50,11 @@ def run(steps: int = 300, k: float = 1.0, M: float = 1.0, seed: int = 0) -> dict
     (g_fused,) = torch.autograd.grad(fused, z)
     ref = reference.rescaled_mse_loss(z, y, k=k, M=M)
     (g_ref,) = torch.autograd.grad(ref, z)
+    collapse = ncfast.measure(model, [(x, y)]).metrics
     result = {
+        "nc1_start": nc1_start,
+        "nc1_end": collapse.nc1,
+        "nc4_end": collapse.nc4,
         "final_loss": loss.item(),
         "train_accuracy": acc,
         "seconds": elapsed,
@@ -57,6 +63,9 @@ def run(steps: int = 300, k: float = 1.0, M: float = 1.0, seed: int = 0) -> dict
     }
     print(f"trained in {elapsed:.1f} s; fused vs float64 reference: |loss diff| "
           f"{result['loss_error']:.2e}, max |grad diff| {result['grad_error']:.2e}")
+    print(f"neural collapse of the 64-d features (ncfast.measure): NC1 {nc1_start:.3g} -> "
+          f"{collapse.nc1:.3g}, NC2 (classifier) {collapse.nc2_classifier:.3g}, "
+          f"NC4 {collapse.nc4:.3g}")
     return result
 
 

@@ -75,3 +75,4 @@ def test_demo_trains_and_agrees_with_reference():
     result = demo.run(steps=60)
     assert result["loss_error"] < 1e-12 and result["grad_error"] < 1e-12
     assert result["train_accuracy"] > 0.9
+    assert result["nc1_end"] < result["nc1_start"]
