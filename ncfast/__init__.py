@@ -34,7 +34,7 @@ from . import _ops  # noqa: E402  (registers fakes, autograd and vmap rules)
 from .losses import RescaledMSELoss, rescaled_mse_loss  # noqa: E402
 from .stats import ClassStats  # noqa: E402
 from .measurement import Measurement, measure  # noqa: E402
-from . import metrics  # noqa: E402
+from . import hessian, metrics, ufm  # noqa: E402
 
 
 def build_info() -> dict:
@@ -56,8 +56,10 @@ def set_cuda_target_checks(enabled: bool) -> bool:
 __all__ = [
     "ClassStats",
     "Measurement",
+    "hessian",
     "measure",
     "metrics",
+    "ufm",
     "RescaledMSELoss",
     "build_info",
     "rescaled_mse_loss",
