@@ -295,6 +295,16 @@ def rescaled_mse_per_sample(
     return _RescaledMSE.apply(logits, target, k, M, ignore_index)
 
 
+def rescaled_mse_logit_grad(
+    grad: Tensor, logits: Tensor, target: Tensor, k: float, M: float, ignore_index: int
+) -> Tensor:
+    """Differentiable 2 grad_i w_ij (z_ij - M [j = y_i]): the backward op, through the same
+    path choice as :func:`rescaled_mse_per_sample`."""
+    if torch.compiler.is_compiling() or _plain_eager():
+        return _ops.rescaled_mse_backward(grad, logits, target, k, M, ignore_index)
+    return _RescaledMSEBackward.apply(grad, logits, target, k, M, ignore_index)
+
+
 # ---- class statistics
 
 @torch.library.register_fake("ncfast::class_moments")

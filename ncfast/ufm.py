@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as _metrics
+from ._ops import loss_dtype, rescaled_mse_logit_grad
 
 __all__ = [
     "BIAS_MODES",
@@ -265,8 +266,25 @@ class UFM:
         idx = self.labels(R.device)[None]
         return R.scatter_add(0, idx, torch.full_like(idx, -self.M, dtype=R.dtype))
 
+    def _weighted(self, ZT: Tensor, M: float) -> Tensor:
+        """(1/N) Ω ⊙ (Z - M Y) for Z given transposed, ZT (..., N, K): one pass of the fused
+        rescaled-MSE backward kernel (the logit gradient of the loss is exactly this weighted
+        residual), returned as a (..., K, N) view."""
+        lead = ZT.shape[:-2]
+        rows = ZT.reshape(-1, self.K)
+        labels = self.labels(ZT.device).repeat(rows.shape[0] // self.N)
+        scale = torch.full((rows.shape[0],), 0.5 / self.N, dtype=loss_dtype(ZT.dtype),
+                           device=ZT.device)
+        out = rescaled_mse_logit_grad(scale, rows, labels, self.alpha, M, -100)
+        return out.reshape(*lead, self.N, self.K).mT
+
+    def _logits_t(self, W: Tensor, H: Tensor, b: Tensor | None) -> Tensor:
+        """Z^T = H^T W^T + 1 b^T (N x K), contiguous for the fused kernel."""
+        ZT = H.T @ W.T
+        return ZT + b if b is not None else ZT
+
     def _G(self, W: Tensor, H: Tensor, b: Tensor | None) -> Tensor:
-        return self._omega(self._residual(W, H, b)) / self.N
+        return self._weighted(self._logits_t(W, H, b), self.M)
 
     def logit_gradient(self, W: Tensor, H: Tensor, b: Tensor | None = None) -> Tensor:
         """G = (1/N) Ω ⊙ R (K x N), the logit-space gradient (theory.md 3.2)."""
@@ -299,17 +317,19 @@ class UFM:
             gb = G.sum(1) + self._lb * b
         return gW, gH, gb
 
-    def _second_order(self, op: str, params, directions, full: bool) -> Params:
+    def _second_order(self, op: str, params, directions, full: bool,
+                      G: Tensor | None = None) -> Params:
         W, H, b = self._unpack(op, params)
         A, B, c, _ = self._unpack_directions(op, directions, W)
-        dR = A @ H + W @ B
+        dRT = H.T @ A.mT + B.mT @ W.T  # dR^T (..., N, K)
         if c is not None:
-            dR = dR + c[..., :, None]
-        dG = self._omega(dR) / self.N
+            dRT = dRT + c[..., None, :]
+        dG = self._weighted(dRT, 0.0)
         hA = dG @ H.T + self.lambda_W * A
         hB = W.T @ dG + self.lambda_H * B
         if full:
-            G = self._G(W, H, b)  # the residual at the point, computed once for all directions
+            if G is None:  # the residual at the point, once for all directions of this call
+                G = self._G(W, H, b)
             hA = hA + G @ B.mT
             hB = hB + A.mT @ G
         hc = None
@@ -328,6 +348,27 @@ class UFM:
         when bias='free'.
         """
         return self._second_order(_name("UFM.hvp"), params, directions, full=True)
+
+    def hvp_operator(self, params: Sequence[Tensor | None], gauss_newton: bool = False):
+        """The HVP (or Gauss-Newton product) at one point as a callable ``directions ->
+        product``, with the residual G computed once for every later call: repeated products
+        at one point, as Lanczos makes them, then cost the six matrix products of theory.md 3.3
+        and one fused weighting pass each. ``.flat(v)`` takes and returns flat vectors
+        (:meth:`flatten` layout), for ``ncfast.hessian``."""
+        op = _name("UFM.hvp_operator")
+        W, H, b = self._unpack(op, params)
+        G = None if gauss_newton else self._G(W, H, b)
+        point = (W, H) if b is None else (W, H, b)
+
+        def product(directions: Sequence[Tensor | None]) -> Params:
+            return self._second_order(op, point, directions, full=not gauss_newton, G=G)
+
+        def flat(v: Tensor) -> Tensor:
+            hA, hB, hc = product(self.unflatten(v))
+            return torch.cat([hA.reshape(-1), hB.reshape(-1)] + ([hc] if hc is not None else []))
+
+        product.flat = flat
+        return product
 
     def gauss_newton(
         self, params: Sequence[Tensor | None], directions: Sequence[Tensor | None]

@@ -443,3 +443,26 @@ def test_shape_errors():
         U.zero_point(uf)
     with pytest.raises(ValueError, match=r"S must be an int in \[0, K-2\]"):
         U.saddle(u, 2)
+
+
+@pytest.mark.parametrize("bias", ["unpenalized", "free"])
+def test_hvp_operator_reuses_the_point_and_matches_hvp(bias):
+    u = U.UFM(4, 6, 3, 5e-3, 5e-3, alpha=3.0, M=2.5, bias=bias)
+    gen = torch.Generator().manual_seed(11)
+    point = u.random_init(gen)
+    direction = u.random_init(gen)
+    params = point if bias != "free" else point[:2]
+    dirs = direction if bias != "free" else direction[:2]
+    op = u.hvp_operator(params)
+    for got, want in zip(op(dirs), u.hvp(params, dirs)):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    flat_v = u.flatten(*direction) if bias != "free" else u.flatten(*direction[:2])
+    expected = u.flatten(*[t for t in u.hvp(params, dirs) if t is not None])
+    torch.testing.assert_close(op.flat(flat_v), expected, rtol=1e-12, atol=1e-14)
+    gn = u.hvp_operator(params, gauss_newton=True)
+    for got, want in zip(gn(dirs), u.gauss_newton(params, dirs)):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
