@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": "train a small model with the fused loss on an embedded default and check it",
     "info": "versions, build information, kernels per op and device",
+    "ufm": "UFM landscape experiment: GD to the closed form, saddles, curvature vs alpha and M",
 }
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         from . import info
 
         info.main()
+    elif command == "ufm":
+        from . import ufm_experiment
+
+        ufm_experiment.main(rest)
     else:
         sys.exit(f"ncfast: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
 
