@@ -20,6 +20,8 @@ test: build
 
 bench: build
 	$(PY) -m bench.loss --device cpu --out bench/results/cpu.md
+	$(PY) -m bench.stats --device cpu --out bench/results/stats-cpu.md
+	$(PY) -m bench.hvp --device cpu --out bench/results/hvp-cpu.md
 
 # On a GPU machine with no network: builds offline against its torch, runs the CUDA tests and
 # the benchmarks, writes everything into OUT.
