@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from . import metrics as _metrics
+from .stats import ClassStats
 from ._ops import loss_dtype, rescaled_mse_logit_grad
 
 __all__ = [
     "BIAS_MODES",
     "UFM",
     "Certificate",
-    "FeatureStats",
     "Minimizer",
     "NegativeCurvature",
     "Saddle",
@@ -821,44 +821,14 @@ def zero_point(
 # --- class statistics of UFM features, and solvers ---------------------------------------------
 
 
-@dataclass(frozen=True)
-class FeatureStats:
-    """Float64 class statistics of UFM features (balanced, class by class), following
-    :class:`ncfast.metrics.ClassStatistics`."""
-
-    num_classes: int
-    dim: int
-    counts: Tensor
-    means: Tensor
-    within_cov: Tensor
-    variances: Tensor
-
-    def sigma_w(self) -> Tensor:
-        return self.within_cov
-
-    def class_variances(self) -> Tensor:
-        return self.variances
-
-    def global_mean(self, kind: str = "weighted") -> Tensor:
-        if kind not in _metrics.GLOBAL_MEANS:
-            raise ValueError(f"{_name('FeatureStats.global_mean')}: kind must be 'weighted' or "
-                             f"'unweighted', got {kind!r}")
-        return self.means.mean(0)  # balanced classes: both global means coincide
-
-
-def feature_stats(ufm: UFM, H: Tensor) -> FeatureStats:
-    """Class statistics (theory.md 5.2) of the features H (d, N), two-pass in float64."""
+def feature_stats(ufm: UFM, H: Tensor) -> ClassStats:
+    """Class statistics (theory.md 5.2) of the features H (d, N): an ``ncfast.ClassStats`` in
+    float64, ready for ``ncfast.metrics``."""
     op = _name("feature_stats")
     ufm._check_tensor(op, "H", H, (ufm.d, ufm.N))
-    K, d, n = ufm.K, ufm.d, ufm.n
-    h = H.detach().to(_F64).reshape(d, K, n)
-    means = h.mean(-1)  # (d, K)
-    centred = (h - means[..., None]).reshape(d, ufm.N)
-    return FeatureStats(
-        num_classes=K, dim=d, counts=torch.full((K,), n, dtype=torch.int64, device=H.device),
-        means=means.T.contiguous(), within_cov=centred @ centred.T / ufm.N,
-        variances=(h - means[..., None]).pow(2).sum(0).mean(-1),
-    )
+    stats = ClassStats(ufm.K, ufm.d, device=H.device, dtype=_F64)
+    stats.update(H.detach().T.to(_F64), ufm.labels(H.device))
+    return stats
 
 
 def _nc_record(ufm: UFM, W: Tensor, H: Tensor) -> dict[str, float]:
