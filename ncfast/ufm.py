@@ -320,18 +320,30 @@ class UFM:
     def _second_order(self, op: str, params, directions, full: bool,
                       G: Tensor | None = None) -> Params:
         W, H, b = self._unpack(op, params)
-        A, B, c, _ = self._unpack_directions(op, directions, W)
-        dRT = H.T @ A.mT + B.mT @ W.T  # dR^T (..., N, K)
+        A, B, c, batched = self._unpack_directions(op, directions, W)
+        if full and G is None:  # the residual at the point, once for all directions of this call
+            G = self._G(W, H, b)
+        if batched:
+            # One direction at a time: plain matrix products beat broadcast batched ones here,
+            # and the temporaries stay the size of one direction.
+            parts = [self._one_direction(W, H, A[i], B[i], None if c is None else c[i], G)
+                     for i in range(A.shape[0])]
+            return tuple(None if p[0] is None else torch.stack(p)
+                         for p in zip(*parts))  # type: ignore[return-value]
+        return self._one_direction(W, H, A, B, c, G)
+
+    def _one_direction(self, W: Tensor, H: Tensor, A: Tensor, B: Tensor, c: Tensor | None,
+                       G: Tensor | None) -> Params:
+        """The product for one direction; G is None for the Gauss-Newton product."""
+        dRT = H.T @ A.T + B.T @ W.T  # dR^T (N, K), the layout of the fused kernel
         if c is not None:
-            dRT = dRT + c[..., None, :]
+            dRT = dRT + c
         dG = self._weighted(dRT, 0.0)
         hA = dG @ H.T + self.lambda_W * A
         hB = W.T @ dG + self.lambda_H * B
-        if full:
-            if G is None:  # the residual at the point, once for all directions of this call
-                G = self._G(W, H, b)
-            hA = hA + G @ B.mT
-            hB = hB + A.mT @ G
+        if G is not None:
+            hA = hA + G @ B.T
+            hB = hB + A.T @ G
         hc = None
         if c is not None:
             hc = dG.sum(-1) + self._lb * c
