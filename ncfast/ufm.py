@@ -949,7 +949,10 @@ def lbfgs(
 ) -> SolverResult:
     """``torch.optim.LBFGS`` (strong-Wolfe line search) on the flattened parameters, with the
     closed-form gradient, from ``init`` or a random init. Stops after ``max_iter`` iterations or
-    when max |∇f| <= ``tolerance_grad`` or an iteration leaves the point unchanged. Records f
+    when max |∇f| <= ``tolerance_grad`` or an iteration leaves the point unchanged. An iteration
+    that lowers f by less than 1e-10 relative while the gradient is not yet small restarts the
+    quasi-Newton memory (started next to a saddle, a stale curvature history otherwise keeps
+    the steps at ~1e-5 for ever). Records f
     (and optionally the NC metrics) every ``record_every`` iterations and at the end."""
     op = _name("lbfgs")
     max_iter = _check_int(op, "max_iter", max_iter, 0)
@@ -958,10 +961,14 @@ def lbfgs(
     record_every = _check_int(op, "record_every", record_every, 1)
     W, H, b = _init(op, ufm, init, generator, dtype, device)
     x = ufm.flatten(W, H, b).clone().requires_grad_(False)
-    opt = torch.optim.LBFGS(
-        [x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=tolerance_grad,
-        tolerance_change=0.0, history_size=history_size, line_search_fn="strong_wolfe",
-    )
+
+    def new_optimizer() -> torch.optim.LBFGS:
+        return torch.optim.LBFGS(
+            [x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=tolerance_grad,
+            tolerance_change=0.0, history_size=history_size, line_search_fn="strong_wolfe",
+        )
+
+    opt = new_optimizer()
 
     cache: dict[str, Tensor] = {}
 
@@ -980,11 +987,20 @@ def lbfgs(
     rec = _Recorder(ufm, record_metrics)
     rec(0, *ufm.unflatten(x))
     it = 0
+    restarted = False
     for it in range(1, max_iter + 1):
-        before = x.clone()
+        before, f_before = x.clone(), closure().item()
         opt.step(closure)
-        closure()  # the gradient at the new point, for the stopping test
-        converged = torch.equal(before, x) or x.grad.abs().max().item() <= tolerance_grad
+        f_after = closure().item()  # also the gradient at the new point, for the stopping test
+        small_grad = x.grad.abs().max().item() <= tolerance_grad
+        stalled = f_before - f_after <= 1e-10 * max(1.0, abs(f_before))
+        if not small_grad and stalled and not restarted:
+            # No real progress with a nonzero gradient: curvature pairs gathered next to a
+            # saddle can leave L-BFGS taking steps of ~1e-5 for ever; restart its memory.
+            opt, restarted = new_optimizer(), True
+            continue
+        restarted = False
+        converged = torch.equal(before, x) or small_grad
         if it % record_every == 0 or converged or it == max_iter:
             rec(it, *ufm.unflatten(x))
         if converged:

@@ -466,3 +466,17 @@ def test_hvp_operator_reuses_the_point_and_matches_hvp(bias):
     for got, want in zip(gn(dirs), u.gauss_newton(params, dirs)):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("s", [0, 1, 2])
+def test_lbfgs_escapes_saddles(s):
+    # theory.md 4.5's escape test: from Z_S plus a 1e-6 perturbation, L-BFGS reaches f*.
+    u = U.UFM(4, 6, 3, 1e-2, 2e-2)
+    f_star = U.global_minimizer(u).f_star
+    sad = U.saddle(u, s)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        init = tuple(t + 1e-6 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                     for t in (sad.W, sad.H, sad.b))
+        result = U.lbfgs(u, max_iter=600, init=init)
+        assert result.objective[-1] == pytest.approx(f_star, rel=1e-9), seed
