@@ -135,9 +135,10 @@ class ClassStats:
         (any NaN/Inf feature makes its class's sum non-finite): no extra pass over the
         features. One host read on CUDA."""
         bad_label = (labels < 0) | (labels >= self.num_classes)
-        if not bool(bad_label.any() | ~torch.isfinite(batch_sq).all()):
+        any_bad_label = bad_label.any()
+        if not bool(any_bad_label | ~torch.isfinite(batch_sq).all()):
             return
-        if bool(bad_label.any()):
+        if bool(any_bad_label):
             value = labels[bad_label][0].item()
             raise ValueError(f"{_UPDATE}: labels must be in [0, {self.num_classes}), got {value}")
         bad_row = ~torch.isfinite(features).all(1)

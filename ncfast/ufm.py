@@ -528,7 +528,7 @@ def global_minimizer(
     op = _name("global_minimizer")
     if not isinstance(ufm, UFM):
         raise TypeError(f"{op}: ufm must be a ncfast.ufm.UFM, got {type(ufm).__name__}")
-    K, d, n, c = ufm.K, ufm.d, ufm.n, ufm.c
+    K, d, c = ufm.K, ufm.d, ufm.c
     alpha, M = ufm.alpha, ufm.M
     kw = dict(dtype=dtype, device=device)
     ones = torch.ones(K, **kw)

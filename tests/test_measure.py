@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
 import ncfast

@@ -2,8 +2,6 @@
 and sharding invariance, exact merges (pairwise and across 2 gloo processes), NC4 counting,
 persistence, and bad input that must leave the state untouched."""
 
-import os
-
 import pytest
 import torch
 import torch.multiprocessing as mp
