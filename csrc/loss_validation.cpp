@@ -1,10 +1,10 @@
 // Argument validation of the rescaled-MSE ops, shared by every device.
 #include <ncfast/loss.h>
+#include <ncfast/message.h>
 
 #include <atomic>
 #include <cmath>
 #include <optional>
-#include <sstream>
 
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
@@ -16,9 +16,7 @@ constexpr const char* kOp = "ncfast.rescaled_mse_loss";
 std::atomic<bool> g_cuda_target_checks{true};
 
 std::string describe(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.dim() << "-D tensor of shape " << t.sizes();
-  return s.str();
+  return cat(t.dim(), "-D tensor of shape ", t.sizes());
 }
 
 // The dtype as Python users write it ("torch.int64"), so messages match the fakes' messages.
@@ -44,36 +42,38 @@ std::string py_dtype(at::ScalarType t) {
 
 void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target, double k,
                              double M, const at::Tensor* grad) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, kOp, ": logits must be 2-D (batch, classes), got ",
-                    describe(logits));
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), kOp,
+  TORCH_CHECK_VALUE(logits.dim() == 2, cat(kOp, ": logits must be 2-D (batch, classes), got ",
+                    describe(logits)));
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), cat(kOp,
                    ": logits must be float32, float64, bfloat16 or float16, got ",
-                   py_dtype(logits.scalar_type()));
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, kOp, ": logits must have at least one class, got ",
-                    describe(logits));
-  TORCH_CHECK_VALUE(target.dim() == 1, kOp, ": target must be 1-D (batch,), got ",
-                    describe(target));
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, kOp,
-                   ": target must be int64 or int32, got ", py_dtype(target.scalar_type()));
-  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), kOp,
+                   py_dtype(logits.scalar_type())));
+  TORCH_CHECK_VALUE(logits.size(1) >= 1,
+                    cat(kOp, ": logits must have at least one class, got ", describe(logits)));
+  TORCH_CHECK_VALUE(target.dim() == 1, cat(kOp, ": target must be 1-D (batch,), got ",
+                    describe(target)));
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                   cat(kOp, ": target must be int64 or int32, got ",
+                       py_dtype(target.scalar_type())));
+  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), cat(kOp,
                     ": target must have one label per row of logits: logits has ",
-                    logits.size(0), " rows, target has ", target.size(0));
-  TORCH_CHECK_VALUE(target.device() == logits.device(), kOp,
+                    logits.size(0), " rows, target has ", target.size(0)));
+  TORCH_CHECK_VALUE(target.device() == logits.device(), cat(kOp,
                     ": target must be on the same device as logits (", logits.device(),
-                    "), got ", target.device());
-  TORCH_CHECK_VALUE(std::isfinite(k) && k > 0, kOp, ": k must be finite and > 0, got ", k);
-  TORCH_CHECK_VALUE(std::isfinite(M), kOp, ": M must be finite, got ", M);
+                    "), got ", target.device()));
+  TORCH_CHECK_VALUE(std::isfinite(k) && k > 0,
+                    cat(kOp, ": k must be finite and > 0, got ", k));
+  TORCH_CHECK_VALUE(std::isfinite(M), cat(kOp, ": M must be finite, got ", M));
   if (grad != nullptr) {
-    TORCH_CHECK_VALUE(grad->dim() == 1 && grad->size(0) == logits.size(0), kOp,
+    TORCH_CHECK_VALUE(grad->dim() == 1 && grad->size(0) == logits.size(0), cat(kOp,
                       ": grad must be 1-D with one entry per row of logits (", logits.size(0),
-                      "), got ", describe(*grad));
-    TORCH_CHECK_TYPE(grad->scalar_type() == loss_dtype(logits.scalar_type()), kOp,
+                      "), got ", describe(*grad)));
+    TORCH_CHECK_TYPE(grad->scalar_type() == loss_dtype(logits.scalar_type()), cat(kOp,
                      ": grad must be ", py_dtype(loss_dtype(logits.scalar_type())), " for ",
                      py_dtype(logits.scalar_type()), " logits, got ",
-                     py_dtype(grad->scalar_type()));
-    TORCH_CHECK_VALUE(grad->device() == logits.device(), kOp,
+                     py_dtype(grad->scalar_type())));
+    TORCH_CHECK_VALUE(grad->device() == logits.device(), cat(kOp,
                       ": grad must be on the same device as logits (", logits.device(),
-                      "), got ", grad->device());
+                      "), got ", grad->device()));
   }
 }
 
@@ -98,8 +98,8 @@ void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t 
       first_bad = target.masked_select(bad)[0].item<int64_t>();
     }
   }
-  TORCH_CHECK_VALUE(!first_bad, kOp, ": target values must be in [0, ", num_classes,
-                    ") or ignore_index=", ignore_index, ", got ", first_bad.value_or(0));
+  TORCH_CHECK_VALUE(!first_bad, cat(kOp, ": target values must be in [0, ", num_classes,
+                    ") or ignore_index=", ignore_index, ", got ", first_bad.value_or(int64_t{0})));
 }
 
 bool cuda_target_checks_enabled() { return g_cuda_target_checks.load(); }

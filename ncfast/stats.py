@@ -63,7 +63,8 @@ class ClassStats:
             raise TypeError(f"ncfast.ClassStats: dtype must be torch.float32 or torch.float64, "
                             f"got {dtype}")
         self.num_classes, self.dim, self.dtype = num_classes, dim, dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # Resolved through an allocation so "cuda" becomes "cuda:0": devices compare exactly.
+        self.device = torch.empty(0, device="cpu" if device is None else device).device
         self.check_inputs = check_inputs
         self._nc4 = self._check_nc4(nc4_weight, nc4_bias, nc4_means)
         self.reset()
