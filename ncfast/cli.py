@@ -1,10 +1,11 @@
-"""The `ncfast` command: `ncfast demo`, `ncfast info`."""
+"""The `ncfast` command: `ncfast train`, `ncfast ufm`, `ncfast demo`, `ncfast info`."""
 
 from __future__ import annotations
 
 import sys
 
 COMMANDS = {
+    "train": "train a classifier and track neural collapse (ncfast train --help)",
     "demo": "train a small model with the fused loss on an embedded default and check it",
     "info": "versions, build information, kernels per op and device",
     "ufm": "UFM landscape experiment: GD to the closed form, saddles, curvature vs alpha and M",
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:<8}{text}")
         return
     command, rest = argv[0], argv[1:]
-    if command == "demo":
+    if command == "train":
+        from .train import command
+
+        command.main(rest)
+    elif command == "demo":
         from . import demo
 
         demo.main(rest)

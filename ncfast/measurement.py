@@ -4,7 +4,7 @@ layer (theory.md 5.1), in eval mode under no_grad, exact under torch.distributed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ class Measurement:
     samples: int
     empty_classes: list[int]
     stats: ClassStats
+    loss: float | None = None
 
 
 def _final_linear(model: nn.Module) -> nn.Linear:
@@ -49,6 +50,7 @@ def measure(
     nc4: bool = True,
     global_mean: str = "weighted",
     group=None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Measurement:
     """Measure neural collapse of ``model`` over ``loader`` (batches ``(inputs, labels)``).
 
@@ -61,6 +63,8 @@ def measure(
     (means from the complete first sweep, across all ranks) with the classifier's prediction.
     Under torch.distributed each rank passes its own shard (e.g. a DistributedSampler); the
     statistics, accuracy and NC4 counts are combined exactly and every rank gets the result.
+    With ``loss_fn(logits, labels)`` (a batch mean) the result also holds the mean loss over
+    every sample, from the first sweep.
     """
     classifier = classifier if classifier is not None else _final_linear(model)
     if not isinstance(classifier, nn.Linear):
@@ -78,7 +82,9 @@ def measure(
     was_training = model.training
     model.eval()
 
-    def sweep(stats: ClassStats) -> tuple[Tensor, Tensor]:
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def sweep(stats: ClassStats, with_loss: bool) -> tuple[Tensor, Tensor]:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = torch.zeros((), dtype=torch.int64, device=device)
         for inputs, labels in loader:
@@ -91,25 +97,30 @@ def measure(
             stats.update(captured[0].to(device), labels)
             correct += (logits.argmax(1).to(device) == labels).sum()
             seen += labels.numel()
+            if with_loss:
+                loss_sum.add_(loss_fn(logits.float(), labels.to(logits.device)).to(device)
+                              * labels.numel())
         return correct, seen
 
     try:
         with torch.no_grad():
             stats = ClassStats(K, d, device=device, dtype=dtype)
-            correct, seen = sweep(stats)
+            correct, seen = sweep(stats, loss_fn is not None)
             if distributed:
                 stats.all_reduce(group)
             if nc4:
                 first_means = stats.means
                 stats = ClassStats(K, d, device=device, dtype=dtype, nc4_weight=weight,
                                    nc4_bias=bias, nc4_means=first_means)
-                sweep(stats)
+                sweep(stats, False)
                 if distributed:
                     stats.all_reduce(group)
             if distributed:
                 counts = torch.stack([correct, seen])
                 dist.all_reduce(counts, group=group)
                 correct, seen = counts[0], counts[1]
+                if loss_fn is not None:
+                    dist.all_reduce(loss_sum, group=group)
     finally:
         hook.remove()
         model.train(was_training)
@@ -120,4 +131,5 @@ def measure(
                          global_mean=global_mean, classes=classes)
     samples = int(seen)
     return Measurement(metrics=result, accuracy=int(correct) / max(samples, 1), samples=samples,
-                       empty_classes=(~present).nonzero().flatten().tolist(), stats=stats)
+                       empty_classes=(~present).nonzero().flatten().tolist(), stats=stats,
+                       loss=float(loss_sum) / max(samples, 1) if loss_fn is not None else None)

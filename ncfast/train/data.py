@@ -1,0 +1,224 @@
+"""Data sets and loaders of `ncfast train`: the embedded digits default, a synthetic Gaussian
+mixture, torchvision's MNIST / FashionMNIST / CIFAR from a folder (downloaded only when asked),
+and ImageFolder trees. Training loaders shuffle by (seed, epoch) alone, so a resumed run sees
+the same batches; every split is sharded across processes under torch.distributed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from .config import ConfigError, DataConfig
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+
+
+@dataclass
+class Splits:
+    """The three views a run needs: augmented train (for SGD), un-augmented train and test
+    (for the NC measurements, as the paper measures on the un-augmented training set)."""
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def _tensor_splits(x_train, y_train, x_test, y_test, num_classes) -> Splits:
+    train = TensorDataset(x_train, y_train)
+    return Splits(train, train, TensorDataset(x_test, y_test), num_classes,
+                  tuple(x_train.shape[1:]))
+
+
+def digits(cfg: DataConfig, seed: int) -> Splits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes; no download),
+    pixels scaled to [0, 1], a stratified train/test split by a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ConfigError("data.name='digits' needs scikit-learn (pip install scikit-learn)") \
+            from None
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for k in range(10):
+        idx = (y == k).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        test_idx.append(idx[: round(len(idx) * cfg.test_fraction)])
+    test_mask = torch.zeros(len(y), dtype=torch.bool)
+    test_mask[torch.cat(test_idx)] = True
+    return _tensor_splits(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], 10)
+
+
+def gaussian(cfg: DataConfig, seed: int) -> Splits:
+    """K Gaussian classes in R^dim: means N(0, separation^2 / dim per coordinate), unit noise."""
+    K = cfg.num_classes or 10
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(K, cfg.gaussian_dim, generator=gen) * (
+        cfg.gaussian_separation / math.sqrt(cfg.gaussian_dim))
+
+    def draw(per_class):
+        y = torch.arange(K).repeat_interleave(per_class)
+        y = y[torch.randperm(len(y), generator=gen)]
+        return means[y] + torch.randn(len(y), cfg.gaussian_dim, generator=gen) / math.sqrt(
+            cfg.gaussian_dim), y
+
+    x_train, y_train = draw(cfg.gaussian_train_per_class)
+    x_test, y_test = draw(cfg.gaussian_test_per_class)
+    return _tensor_splits(x_train, y_train, x_test, y_test, K)
+
+
+def _transforms(cfg: DataConfig, mean, std, crop: int, default_augment: str):
+    from torchvision import transforms as T
+
+    augment = default_augment if cfg.augment == "auto" else cfg.augment
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    if augment == "none":
+        train = T.Compose(normalize)
+    elif augment == "crop_flip":
+        train = T.Compose([T.RandomCrop(crop, padding=4), T.RandomHorizontalFlip(), *normalize])
+    else:  # imagenet
+        train = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *normalize])
+    if augment == "imagenet":
+        test = T.Compose([T.Resize(round(crop * 256 / 224)), T.CenterCrop(crop), *normalize])
+    elif cfg.name == "imagefolder":
+        test = T.Compose([T.Resize(crop), T.CenterCrop(crop), *normalize])
+    else:
+        test = T.Compose(normalize)
+    return train, test
+
+
+def torchvision_dataset(cfg: DataConfig) -> Splits:
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise ConfigError(f"data.name={cfg.name!r} needs torchvision") from None
+    table = {
+        "mnist": (datasets.MNIST, MNIST_MEAN, MNIST_STD, 28, 10, "none"),
+        "fashion_mnist": (datasets.FashionMNIST, FASHION_MEAN, FASHION_STD, 28, 10, "none"),
+        "cifar10": (datasets.CIFAR10, CIFAR10_MEAN, CIFAR10_STD, 32, 10, "crop_flip"),
+        "cifar100": (datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, 32, 100, "crop_flip"),
+    }
+    cls, mean, std, size, K, default_augment = table[cfg.name]
+    root = Path(cfg.dir)
+    train_t, test_t = _transforms(cfg, mean, std, size, default_augment)
+    try:
+        make = lambda train, t: cls(str(root), train=train, transform=t,  # noqa: E731
+                                    download=cfg.download)
+        train, train_eval, test = make(True, train_t), make(True, test_t), make(False, test_t)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise ConfigError(f"data.name={cfg.name!r}: no usable data set under data.dir="
+                          f"{str(root)!r} ({err}); pass data.download=true to download it, or "
+                          f"point data.dir at a folder that holds it") from None
+    channels = 1 if cfg.name in ("mnist", "fashion_mnist") else 3
+    return Splits(train, train_eval, test, K, (channels, size, size))
+
+
+def image_folder(cfg: DataConfig) -> Splits:
+    """An ImageFolder tree: data.dir/train/<class>/*.jpg and data.dir/val (or test)/<class>/."""
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise ConfigError("data.name='imagefolder' needs torchvision") from None
+    root = Path(cfg.dir)
+    train_dir = root / "train"
+    test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise ConfigError(f"data.name='imagefolder' needs data.dir={str(root)!r} to hold train/ "
+                          f"and val/ (or test/) class folders; found "
+                          f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such folder'}")
+    size = cfg.image_size or 224
+    train_t, test_t = _transforms(cfg, IMAGENET_MEAN, IMAGENET_STD, size,
+                                  "imagenet" if size >= 128 else "crop_flip")
+    train = datasets.ImageFolder(str(train_dir), train_t)
+    train_eval = datasets.ImageFolder(str(train_dir), test_t)
+    test = datasets.ImageFolder(str(test_dir), test_t)
+    if test.classes != train.classes:
+        raise ConfigError(f"data.dir={str(root)!r}: {test_dir.name}/ has {len(test.classes)} "
+                          f"class folders, train/ has {len(train.classes)}; they must be the "
+                          f"same classes")
+    return Splits(train, train_eval, test, len(train.classes), (3, size, size))
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    if cfg.name == "digits":
+        splits = digits(cfg, seed)
+    elif cfg.name == "gaussian":
+        splits = gaussian(cfg, seed)
+    elif cfg.name == "imagefolder":
+        splits = image_folder(cfg)
+    else:
+        splits = torchvision_dataset(cfg)
+    if cfg.num_classes and cfg.num_classes != splits.num_classes:
+        raise ConfigError(f"data.num_classes={cfg.num_classes} disagrees with the data: "
+                          f"data.name={cfg.name!r} has {splits.num_classes} classes")
+    return splits
+
+
+class EpochShuffle(Sampler[int]):
+    """This process's share of a permutation drawn from (seed, epoch) alone: rank r takes
+    positions r, r + world, ... of the first world * (n // world) entries. Consecutive batches of
+    b per rank together hold the same samples as one process's batch of world * b, so runs on
+    1 and on several processes take the same optimisation steps."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen)[: len(self) * self.world]
+        return iter(order[self.rank::self.world].tolist())
+
+
+class Shard(Sampler[int]):
+    """Positions rank, rank + world, ...: every sample exactly once across processes (the NC
+    statistics are merged exactly, so no padding)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+
+def _loader(dataset, batch_size, sampler, cfg: DataConfig, cuda: bool, drop_last: bool):
+    workers = cfg.workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=cfg.pin_memory and cuda, drop_last=drop_last,
+                      persistent_workers=cfg.persistent_workers and workers > 0)
+
+
+def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, cuda: bool):
+    """(train, train_eval, test) loaders for this process. The global batch is split evenly."""
+    if cfg.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} must be divisible by the number of "
+                          f"processes ({world})")
+    per_rank = cfg.batch_size // world
+    eval_batch = max(1, cfg.eval_batch_size // world)
+    train = _loader(splits.train, per_rank, EpochShuffle(len(splits.train), seed, rank, world),
+                    cfg, cuda, drop_last=False)
+    train_eval = _loader(splits.train_eval, eval_batch, Shard(len(splits.train_eval), rank, world),
+                         cfg, cuda, drop_last=False)
+    test = _loader(splits.test, eval_batch, Shard(len(splits.test), rank, world), cfg, cuda,
+                   drop_last=False)
+    return train, train_eval, test

@@ -1,0 +1,377 @@
+"""`ncfast.train.run(config)`: the training loop. One process or torchrun/DDP (NC statistics
+merged exactly across ranks, only rank 0 writes), mixed precision, NC tracking, atomic
+checkpoints and an exact --resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import losses, measure
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import report
+from .config import ConfigError, TrainConfig
+from .data import load_splits, loaders
+from .models import build_model, final_linear
+
+# Keys that may change when a run is resumed (they do not change what is computed).
+RESUME_FREE = ("epochs", "progress", "data.workers", "data.pin_memory",
+               "data.persistent_workers", "data.dir", "data.download", "runs_dir")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns (on every rank): the run folder, every metrics record and the
+    last NC measurement per split."""
+    run_dir: Path
+    records: list[dict]
+    final: dict[str, dict]
+    train_time: float
+    track_time: float
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        here = True
+    return _Dist(rank, world, local, here)
+
+
+def _device(cfg: TrainConfig, d: _Dist) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA device")
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def _loss_fn(cfg: config_mod.LossConfig):
+    if cfg.name == "ce":
+        return F.cross_entropy
+    k, M = (cfg.k, cfg.M) if cfg.name == "rescaled_mse" else (1.0, 1.0)
+    return lambda logits, y: losses.rescaled_mse_loss(logits, y, k=k, M=M,
+                                                      normalize=cfg.normalize)
+
+
+def _optimizer(cfg: config_mod.OptimConfig, params):
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                   weight_decay=cfg.weight_decay)
+    # L-BFGS has no weight decay: the closure adds 0.5 * wd * sum ||p||^2 (theory 6.1).
+    return torch.optim.LBFGS(params, lr=cfg.lr, history_size=cfg.lbfgs_history,
+                             max_iter=cfg.lbfgs_max_iter, line_search_fn="strong_wolfe")
+
+
+def _scheduler(cfg: TrainConfig, optimizer):
+    s = cfg.schedule
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, s.step_epochs, s.gamma)
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, s.min_lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless asked; nothing is deleted here."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume and overwrite:
+        raise ConfigError("pass --resume or --overwrite, not both")
+    if resume and not (run_dir / ckpt.CHECKPOINT).is_file():
+        raise ckpt.CheckpointError(f"cannot resume: no checkpoint at "
+                                   f"{str(run_dir / ckpt.CHECKPOINT)!r}")
+    if exists and not resume and not overwrite:
+        raise ConfigError(f"run folder {str(run_dir)!r} already exists; pass --resume to "
+                          f"continue it, --overwrite to replace it, or choose another name=")
+
+
+def _tracking_epochs(cfg: TrainConfig) -> set[int]:
+    return set(range(0, cfg.epochs + 1, cfg.track.every)) | {0, cfg.epochs}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ConfigError(f"precision={cfg.precision!r} needs CUDA; use precision='fp32' on CPU")
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
+                   epoch: int, d: _Dist) -> dict:
+    fc = final_linear(model)
+    start = time.perf_counter()
+    m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
+                loss_fn=loss_fn)
+    stats = m.stats
+    # mean ||h||^2 = tr(Sigma_W) + sum_k n_k ||mu_k||^2 / N
+    n = stats.counts.to(stats.means.dtype)
+    mean_sq = float(stats.sigma_w().trace() + (n * (stats.means ** 2).sum(1)).sum() / n.sum())
+    record = {"kind": "nc", "epoch": epoch, "split": split, "accuracy": m.accuracy,
+              "loss": m.loss, "samples": m.samples, **m.metrics.as_dict(),
+              "feature_norm": math.sqrt(max(mean_sq, 0.0)),
+              "weight_norm": float(fc.weight.detach().norm()),
+              "bias_param_norm": None if fc.bias is None else float(fc.bias.detach().norm()),
+              "empty_classes": m.empty_classes,
+              "seconds": time.perf_counter() - start}
+    return record
+
+
+def _sync_buffers(model: nn.Module, d: _Dist) -> None:
+    """BatchNorm running statistics from rank 0, so every rank measures the same network."""
+    if d.world > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
+
+
+def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train ``cfg`` (see :mod:`ncfast.train.config`) and track neural collapse. Under torchrun
+    every process calls this; only rank 0 writes to ``<runs_dir>/<name>/``."""
+    config_mod.validate(cfg)
+    requested = "cuda" if cfg.device == "cuda" or (
+        cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    d = _init_distributed(requested)
+    try:
+        return _run(cfg, resume, overwrite, d)
+    finally:
+        if d.initialised_here:
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult:
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    _prepare_run_dir(run_dir, resume, overwrite)
+    device = _device(cfg, d)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _seed_everything(cfg.seed, cfg.deterministic)
+
+    # Everything that can fail on bad input happens before the run folder is touched.
+    splits = load_splits(cfg.data, cfg.seed)
+    train_loader, train_eval_loader, test_loader = loaders(
+        splits, cfg.data, cfg.seed, d.rank, d.world, device.type == "cuda")
+    model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(cfg.optim, params)
+    scheduler = _scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    loss_fn = _loss_fn(cfg.loss)
+    _autocast(cfg, device)  # raises for reduced precision on CPU
+
+    start_epoch, records, train_time, track_time = 0, [], 0.0, 0.0
+    saved = None
+    if resume:
+        saved = ckpt.load(run_dir / ckpt.CHECKPOINT)
+        ckpt.check_same_config(saved["config"], config_mod.to_dict(cfg), RESUME_FREE)
+        if saved["epoch"] > cfg.epochs:
+            raise ConfigError(f"cannot resume to epochs={cfg.epochs}: the checkpoint is at "
+                              f"epoch {saved['epoch']}")
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(run_dir / ckpt.CHECKPOINT)!r} "
+                                       f"does not fit this model ({err})") from None
+        start_epoch = saved["epoch"]
+        train_time, track_time = saved["train_time"], saved["track_time"]
+
+    if d.main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            records = ckpt.truncate_metrics(run_dir / ckpt.METRICS, start_epoch)
+        ckpt.atomic_write(run_dir / ckpt.CONFIG, lambda f: f.write(config_mod.dump(cfg).encode()))
+    if resume:
+        ckpt.set_rng_state(saved["rng"])
+        del saved
+
+    net: nn.Module = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    progress = report.Progress(cfg.progress and d.main)
+    metrics_file = (run_dir / ckpt.METRICS).open("a") if d.main else None
+    tracked = _tracking_epochs(cfg)
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def track(epoch: int) -> None:
+        nonlocal track_time
+        start = time.perf_counter()
+        _sync_buffers(model, d)
+        emit(_measure_split(model, train_eval_loader, loss_fn, device, cfg, "train", epoch, d))
+        if cfg.track.test:
+            emit(_measure_split(model, test_loader, loss_fn, device, cfg, "test", epoch, d))
+        track_time += time.perf_counter() - start
+
+    try:
+        if start_epoch == 0:
+            track(0)
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            seconds, loss_mean, acc, samples = _train_epoch(
+                cfg, net, params, train_loader, optimizer, scaler, loss_fn, device, epoch,
+                progress, d)
+            train_time += seconds
+            if not math.isfinite(loss_mean):
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch}: the mean training loss is "
+                    f"{loss_mean}; lower optim.lr (now {cfg.optim.lr:g}). The run folder keeps "
+                    f"the checkpoint of the last finished epoch")
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            emit({"kind": "train", "epoch": epoch, "loss": loss_mean, "accuracy": acc,
+                  "lr": lr, "seconds": seconds, "samples_per_s": samples / seconds})
+            progress.epoch_done(f"epoch {epoch}/{cfg.epochs}  loss {loss_mean:.4g}  "
+                                f"acc {acc:.4f}  lr {lr:.3g}  {samples / seconds:,.0f} samples/s")
+            if epoch in tracked:
+                track(epoch)
+                if d.main:
+                    last = [r for r in records if r["kind"] == "nc" and r["epoch"] == epoch]
+                    progress.epoch_done("  NC " + "  ".join(
+                        f"{r['split']}: acc {r['accuracy']:.4f} NC1 {r['nc1']:.3g}"
+                        for r in last))
+            if d.main and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+                ckpt.save(run_dir / ckpt.CHECKPOINT, {
+                    "epoch": epoch, "config": config_mod.to_dict(cfg),
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": ckpt.rng_state(), "train_time": train_time,
+                    "track_time": track_time})
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+
+    if d.main:
+        report.plot(records, run_dir / report.PLOT, f"{cfg.name}: {cfg.model.arch} on "
+                    f"{cfg.data.name}, {cfg.loss.name}, {cfg.optim.name}")
+        if cfg.progress:
+            print(report.summary(records, train_time, track_time))
+            print(f"run folder: {run_dir}")
+    final = {}
+    for r in records:
+        if r["kind"] == "nc":
+            final[r["split"]] = r
+    return RunResult(run_dir, records, final, train_time, track_time)
+
+
+def _train_epoch(cfg, net, params, loader, optimizer, scaler, loss_fn, device, epoch,
+                 progress, d: _Dist):
+    net.train()
+    loader.sampler.set_epoch(epoch)
+    if loader.num_workers > 0:  # worker seeds from (seed, epoch), not from the global RNG
+        loader.generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+    wd = cfg.optim.weight_decay
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    batches = len(loader)
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(loader, 1):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if cfg.optim.name == "lbfgs":
+            first: list = []
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                logits = net(x)
+                loss = loss_fn(logits, y)
+                if not first:
+                    first.append((loss.detach(), logits.detach()))
+                total = loss + 0.5 * wd * sum((p * p).sum() for p in params) if wd else loss
+                total.backward()
+                return total
+
+            optimizer.step(closure)
+            loss, logits = first[0]
+        else:
+            with _autocast(cfg, device):
+                logits = net(x)
+                loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.numel()
+        if progress.tty:
+            progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
+                            time.perf_counter() - start, float(loss))
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
+                                                                   dtype=torch.float64)])
+    if d.world > 1:
+        dist.all_reduce(totals)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    n = float(totals[2])
+    return seconds, float(totals[0]) / n, float(totals[1]) / n, int(n)
