@@ -13,7 +13,7 @@ OUT ?= bench-out
 .PHONY: run test build bench gpu-check clean
 
 run: build
-	$(PY) -m ncfast demo
+	$(PY) -m ncfast train --overwrite
 
 test: build
 	$(PY) -m pytest -q
@@ -22,6 +22,7 @@ bench: build
 	$(PY) -m bench.loss --device cpu --out bench/results/cpu.md
 	$(PY) -m bench.stats --device cpu --out bench/results/stats-cpu.md
 	$(PY) -m bench.hvp --device cpu --out bench/results/hvp-cpu.md
+	$(PY) -m bench.train --device cpu --out bench/results/train-cpu.md
 
 # On a GPU machine with no network: builds offline against its torch, runs the CUDA tests and
 # the benchmarks, writes everything into OUT.

@@ -1,4 +1,4 @@
-"""The `ncfast` command: `ncfast train`, `ncfast ufm`, `ncfast demo`, `ncfast info`."""
+"""The `ncfast` command: `ncfast train`, `ncfast ufm`, `ncfast info`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import sys
 
 COMMANDS = {
     "train": "train a classifier and track neural collapse (ncfast train --help)",
-    "demo": "train a small model with the fused loss on an embedded default and check it",
     "info": "versions, build information, kernels per op and device",
     "ufm": "UFM landscape experiment: GD to the closed form, saddles, curvature vs alpha and M",
 }
@@ -24,10 +23,6 @@ def main(argv: list[str] | None = None) -> None:
         from .train import command
 
         command.main(rest)
-    elif command == "demo":
-        from . import demo
-
-        demo.main(rest)
     elif command == "info":
         from . import info
 

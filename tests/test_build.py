@@ -1,5 +1,5 @@
 """The package around the kernels: build information, `python -m ncfast.info`, import hygiene,
-the load-failure message, the demo (the README's main job for now)."""
+the load-failure message."""
 
 import subprocess
 import sys
@@ -67,12 +67,3 @@ def test_failed_extension_load_names_both_torch_versions():
     assert f"built for torch {ncfast.build_info()['torch_version']}" in last
     assert f"the torch found is {torch.__version__}" in last
     assert "simulated" in last
-
-
-def test_demo_trains_and_agrees_with_reference():
-    from ncfast import demo
-
-    result = demo.run(steps=60)
-    assert result["loss_error"] < 1e-12 and result["grad_error"] < 1e-12
-    assert result["train_accuracy"] > 0.9
-    assert result["nc1_end"] < result["nc1_start"]

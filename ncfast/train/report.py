@@ -58,14 +58,17 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (name, series) in zip(axes.flat, panels):
+        zeros = False
         for key, split, *label in series:
             points = [(max(r["epoch"], 0.5), r.get(key) if key != "error" else 1 - r["accuracy"])
                       for r in nc if r["split"] == split]
+            zeros |= any(v == 0 for _, v in points)
             points = [(e, v) for e, v in points if v is not None and v > 0]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", markersize=3, label=label[0] if label else None)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name + ("\n(values of 0 are off this log scale)" if zeros else ""),
+                     fontsize=10)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("epoch (0 plotted at 0.5)")
