@@ -10,6 +10,7 @@ from torch import Tensor
 
 _UPDATE = "ncfast.ClassStats.update"
 STATE_VERSION = 1
+GRAM_BLOCK = 128
 
 
 class ClassStats:
@@ -40,6 +41,9 @@ class ClassStats:
             means of a *previous pass* (K, d); when given, ``update`` also counts samples whose
             nearest class mean disagrees with the classifier's prediction (NC4, theory.md 5.6).
             ``ncfast.measure`` makes that second sweep for you.
+        buffer_rows: batches smaller than this are staged in a (buffer_rows, d) buffer and
+            folded into the state a block at a time (when it is full, and before any read,
+            merge or state_dict). Default: 2^23 / d rows (32 MiB of float32), in [256, 8192].
 
     ``update`` checks its input before touching the state: a rejected batch leaves the
     accumulator exactly as it was.
@@ -55,8 +59,12 @@ class ClassStats:
         nc4_weight: Tensor | None = None,
         nc4_bias: Tensor | None = None,
         nc4_means: Tensor | None = None,
+        buffer_rows: int | None = None,
     ) -> None:
-        for name, value in (("num_classes", num_classes), ("dim", dim)):
+        if buffer_rows is None:  # a staging buffer of at most 32 MiB in float32
+            buffer_rows = max(256, min(8192, 2**23 // dim))
+        for name, value in (("num_classes", num_classes), ("dim", dim),
+                            ("buffer_rows", buffer_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ncfast.ClassStats: {name} must be an int >= 1, got {value!r}")
         if dtype not in (torch.float32, torch.float64):
@@ -66,6 +74,8 @@ class ClassStats:
         # Resolved through an allocation so "cuda" becomes "cuda:0": devices compare exactly.
         self.device = torch.empty(0, device="cpu" if device is None else device).device
         self.check_inputs = check_inputs
+        self.buffer_rows = buffer_rows
+        self._staged_x = self._staged_y = None
         self._nc4 = self._check_nc4(nc4_weight, nc4_bias, nc4_means)
         self.reset()
 
@@ -82,6 +92,7 @@ class ClassStats:
         self._all_seen = False  # once every class has a reference point, updates skip that work
         self._nc4_mismatches = torch.zeros((), device=self.device, dtype=torch.int64)
         self._nc4_total = torch.zeros((), device=self.device, dtype=torch.int64)
+        self._pending = 0  # rows staged in _staged_x / _staged_y, not yet in the state
 
     def _check_nc4(self, weight, bias, means):
         if weight is None and bias is None and means is None:
@@ -131,50 +142,75 @@ class ClassStats:
                 raise ValueError(f"{_UPDATE}: {name} must be on the accumulator's device "
                                  f"({self.device}), got {t.device}")
 
-    def _check_values(self, features: Tensor, labels: Tensor, batch_sq: Tensor) -> None:
-        """Label range and finiteness, from the labels and the batch's per-class squared norms
-        (any NaN/Inf feature makes its class's sum non-finite): no extra pass over the
-        features. One host read on CUDA."""
-        bad_label = (labels < 0) | (labels >= self.num_classes)
-        any_bad_label = bad_label.any()
-        if not bool(any_bad_label | ~torch.isfinite(batch_sq).all()):
-            return
-        if bool(any_bad_label):
-            value = labels[bad_label][0].item()
+    def _check_values(self, features: Tensor, labels: Tensor) -> None:
+        """Label range, finiteness and magnitude (squared norms must not overflow the state
+        dtype) in two reductions and one host read."""
+        lo, hi = torch.aminmax(labels)
+        f_lo, f_hi = torch.aminmax(features)  # a NaN propagates into both
+        limit = (torch.finfo(self.dtype).max / (4 * self.dim)) ** 0.5  # ||2h||^2 stays finite
+        lo, hi, f_lo, f_hi = torch.stack([lo.double(), hi.double(), f_lo.double(),
+                                          f_hi.double()]).tolist()
+        peak = max(-f_lo, f_hi) if f_lo == f_lo and f_hi == f_hi else float("nan")
+        if lo < 0 or hi >= self.num_classes:
+            value = int(lo) if lo < 0 else int(hi)
             raise ValueError(f"{_UPDATE}: labels must be in [0, {self.num_classes}), got {value}")
-        bad_row = ~torch.isfinite(features).all(1)
-        if bool(bad_row.any()):
-            row = int(bad_row.nonzero()[0].item())
-            raise ValueError(f"{_UPDATE}: features must be finite, got a NaN or Inf in row {row}")
-        raise ValueError(f"{_UPDATE}: features are too large for {self.dtype} statistics "
-                         f"(squared norms overflow)")
+        if not peak <= limit:
+            bad_row = ~torch.isfinite(features).all(1)
+            if bool(bad_row.any()):
+                row = int(bad_row.nonzero()[0].item())
+                raise ValueError(f"{_UPDATE}: features must be finite, got a NaN or Inf in row "
+                                 f"{row}")
+            raise ValueError(f"{_UPDATE}: features are too large for {self.dtype} statistics: "
+                             f"max |h| = {peak:.3g} > {limit:.3g} (squared norms overflow)")
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:
-        """Add a batch: ``features`` (B, d) float, ``labels`` (B,) int64/int32 in [0, K)."""
+        """Add a batch: ``features`` (B, d) float, ``labels`` (B,) int64/int32 in [0, K).
+
+        Small batches are staged: copied into a buffer of ``buffer_rows`` rows that is folded
+        into the state when full or before anything reads the state, so the per-batch cost is
+        two copies and the class sums and Gram products run on large blocks."""
         self._check_batch(features, labels)
-        if features.shape[0] == 0:
+        B = features.shape[0]
+        if B == 0:
             return
-        feats = features.to(self._feature_dtype(features))
+        if self.check_inputs:
+            self._check_values(features, labels)
+        # Commit only now: everything above may raise without touching the state.
+        if B >= self.buffer_rows:
+            self._flush()
+            self._add(features.to(self._feature_dtype(features)), labels)
+            return
+        if self._pending + B > self.buffer_rows:
+            self._flush()
+        if self._staged_x is None:
+            self._staged_x = torch.empty(self.buffer_rows, self.dim, device=self.device,
+                                         dtype=self.dtype)
+            self._staged_y = torch.empty(self.buffer_rows, device=self.device, dtype=torch.int64)
+        self._staged_x[self._pending:self._pending + B].copy_(features, non_blocking=True)
+        self._staged_y[self._pending:self._pending + B].copy_(labels, non_blocking=True)
+        self._pending += B
+
+    def _flush(self) -> None:
+        """Fold the staged rows into the state."""
+        if self._pending:
+            rows, self._pending = self._pending, 0
+            self._add(self._staged_x[:rows], self._staged_y[:rows])
+
+    def _add(self, feats: Tensor, labels: Tensor) -> None:
         K, B = self.num_classes, feats.shape[0]
-        # The kernel indexes by label: clamped labels keep it in bounds whatever the input;
-        # a batch with bad labels is then rejected below, before anything is committed.
+        # The kernel indexes by label: clamped labels keep it in bounds whatever the input
+        # (with check_inputs=False the caller vouches for them).
         safe_labels = labels.clamp(0, K - 1)
         shift = self._shift if self._all_seen else self._new_shift(feats, safe_labels)
-
         counts, sums, sq, shifted = torch.ops.ncfast.class_moments(feats, safe_labels, shift)
-        if self.check_inputs:
-            self._check_values(features, labels, sq)
-        nc4 = self._nc4_batch(feats) if self._nc4 is not None else None
-
-        # Commit only now: everything above may raise without touching the state.
         self._shift = shift
         self._counts += counts
         self._sums += sums
         self._sq += sq
         self._accumulate_gram(shifted)
-        if nc4 is not None:
-            self._nc4_mismatches += nc4
+        if self._nc4 is not None:
+            self._nc4_mismatches += self._nc4_batch(feats)
             self._nc4_total += B
         if self.device.type == "cpu" and not self._all_seen:  # a free read on the CPU only
             self._all_seen = bool(self._counts.all())
@@ -190,10 +226,12 @@ class ClassStats:
         return torch.where(newly_seen[:, None], candidates, self._shift)
 
     def _gram_blocks(self) -> list[tuple[int, int]]:
-        # Two column blocks once d is large enough for half-size GEMMs to stay efficient: the
-        # upper block triangle then costs 3/4 of the full product.
-        half = self.dim // 2 if self.dim >= 256 else self.dim
-        return [(0, half), (half, self.dim)] if half < self.dim else [(0, self.dim)]
+        # Column blocks of at least GRAM_BLOCK (GEMMs that narrow still run near peak on the
+        # staged blocks of thousands of rows), at most 4: the upper block triangle of n blocks
+        # costs (n + 1) / 2n of the full product (5/8 for 4).
+        n = max(1, min(4, self.dim // GRAM_BLOCK))
+        edges = [round(i * self.dim / n) for i in range(n + 1)]
+        return list(zip(edges[:-1], edges[1:]))
 
     def _accumulate_gram(self, shifted: Tensor) -> None:
         """Q += X^T X on the upper block triangle only (Q is symmetric; see _full_gram)."""
@@ -205,9 +243,9 @@ class ClassStats:
         blocks = self._gram_blocks()
         if len(blocks) == 1:
             return self._gram
-        (_, half), _ = blocks
         full = self._gram.clone()
-        full[half:, :half] = self._gram[:half, half:].T
+        for start, stop in blocks[1:]:
+            full[start:stop, :start] = self._gram[:start, start:stop].T
         return full
 
     def _nc4_batch(self, feats: Tensor) -> Tensor:
@@ -222,11 +260,13 @@ class ClassStats:
     @property
     def counts(self) -> Tensor:
         """(K,) int64 samples per class."""
+        self._flush()
         return self._counts
 
     @property
     def total(self) -> Tensor:
         """N, the number of samples seen (0-dim int64 tensor)."""
+        self._flush()
         return self._counts.sum()
 
     def _present(self) -> Tensor:
@@ -235,11 +275,13 @@ class ClassStats:
     @property
     def means(self) -> Tensor:
         """(K, d) class means mu_k; rows of classes with no sample are zero."""
+        self._flush()
         n = self._counts.clamp(min=1).to(self.dtype)[:, None]
         return torch.where(self._present()[:, None], self._shift + self._sums / n, 0)
 
     def _centred(self) -> tuple[Tensor, Tensor, Tensor]:
         """(mu, M2, per-class sum ||h - mu_k||^2) in float64."""
+        self._flush()
         n = self._counts.clamp(min=1).double()
         s = self._sums.double() * self._present()[:, None]
         mu = torch.where(self._present()[:, None], self._shift.double() + s / n[:, None], 0)
@@ -269,10 +311,12 @@ class ClassStats:
 
     @property
     def nc4_mismatches(self) -> Tensor | None:
+        self._flush()
         return self._nc4_mismatches if self._nc4 is not None else None
 
     @property
     def nc4_total(self) -> Tensor | None:
+        self._flush()
         return self._nc4_total if self._nc4 is not None else None
 
     # ---- combining
@@ -301,7 +345,7 @@ class ClassStats:
         if (self._nc4 is None) != (other._nc4 is None):
             raise ValueError("ncfast.ClassStats.merge: both accumulators must count NC4, or "
                              "neither")
-        mu_a, m2_a, sq_a = self._centred()
+        mu_a, m2_a, sq_a = self._centred()  # both flush their staged rows
         mu_b, m2_b, sq_b = (t.to(self.device) for t in other._centred())
         n_a, n_b = self._counts.double(), other._counts.to(self.device).double()
         n = n_a + n_b
@@ -348,6 +392,7 @@ class ClassStats:
 
     def state_dict(self) -> dict:
         """Tensors and metadata; ``load_state_dict`` restores them exactly."""
+        self._flush()
         return {
             "version": STATE_VERSION, "num_classes": self.num_classes, "dim": self.dim,
             "counts": self._counts.clone(), "shift": self._shift.clone(),
@@ -368,6 +413,7 @@ class ClassStats:
         self._sq = state["sq"].to(**to).clone()
         self._gram = state["gram"].to(**to).clone()
         self._all_seen = False
+        self._pending = 0
         self._nc4_mismatches = state["nc4_mismatches"].to(self.device).clone()
         self._nc4_total = state["nc4_total"].to(self.device).clone()
 

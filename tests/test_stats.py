@@ -55,10 +55,14 @@ def test_float32_accuracy_in_the_collapse_regime(device):
 
 @pytest.mark.parametrize("batch", [1, 7, 64, 1000])
 @pytest.mark.parametrize("unbalanced", [False, True], ids=["balanced", "unbalanced"])
-def test_float64_state_matches_two_pass_for_any_batching(device, batch, unbalanced):
+@pytest.mark.parametrize("buffer_rows", [None, 10], ids=["staged", "buffer10"])
+def test_float64_state_matches_two_pass_for_any_batching(device, batch, unbalanced, buffer_rows):
+    """Any batching and any staging buffer (10 rows: batches of 7 flush on overflow, of 64 and
+    1000 bypass it) give the two-pass result."""
     feats, labels = mixture(6, 5, 20, 0.3, dtype=torch.float64, unbalanced=unbalanced)
     ref = reference.class_stats(feats, labels, 6)
-    stats = stream(feats, labels, 6, batch, device=device, dtype=torch.float64)
+    stats = stream(feats, labels, 6, batch, device=device, dtype=torch.float64,
+                   buffer_rows=buffer_rows)
     assert_close(stats.counts.cpu(), ref.counts)
     assert_close(stats.means.cpu(), ref.means, rtol=1e-12, atol=1e-12)
     assert_close(stats.sigma_w().cpu(), ref.sigma_w(), rtol=1e-12, atol=1e-12)
