@@ -303,3 +303,19 @@ def test_default_digits_run_meets_the_readme_claims(tmp_path):
     first = next(r for r in result.records if r["kind"] == "nc" and r["split"] == "train")
     assert result.final["test"]["accuracy"] >= 0.97
     assert result.final["train"]["nc1"] * 100 <= first["nc1"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_run(tmp_path, precision):
+    result = run(quick(tmp_path, "device=cuda", f"precision={precision}", "loss.name=rescaled_mse",
+                       "loss.k=2", "model.batch_norm=true"))
+    first = [r for r in result.records if r["kind"] == "nc"][0]
+    assert result.final["train"]["nc1"] < first["nc1"] and result.final["train"]["accuracy"] > 0.9
+
+
+def test_reduced_precision_on_cpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"precision='bf16' needs CUDA"):
+        run(quick(tmp_path, "device=cpu", "precision=bf16"))
+    assert not any(tmp_path.iterdir()), "nothing is written before the config is accepted"
