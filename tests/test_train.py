@@ -319,3 +319,14 @@ def test_reduced_precision_on_cpu_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"precision='bf16' needs CUDA"):
         run(quick(tmp_path, "device=cpu", "precision=bf16"))
     assert not any(tmp_path.iterdir()), "nothing is written before the config is accepted"
+
+
+def test_compiled_deterministic_run_agrees_with_eager(tmp_path):
+    eager = run(quick(tmp_path, "epochs=2", "deterministic=true", "name=eager"))
+    compiled = run(quick(tmp_path, "epochs=2", "deterministic=true", "compile=true",
+                         "name=compiled"))
+    for split in ("train", "test"):
+        for key in ("accuracy", "loss", "nc1"):
+            assert compiled.final[split][key] == pytest.approx(eager.final[split][key],
+                                                               rel=1e-3, abs=1e-6), (split, key)
+    assert not torch.are_deterministic_algorithms_enabled(), "run() restores the global switch"

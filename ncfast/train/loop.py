@@ -185,9 +185,14 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
     requested = "cuda" if cfg.device == "cuda" or (
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     d = _init_distributed(requested)
+    # deterministic=true changes process-wide switches: put them back for the caller.
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.backends.cudnn.benchmark)
     try:
         return _run(cfg, resume, overwrite, d)
     finally:
+        torch.use_deterministic_algorithms(deterministic[0])
+        torch.backends.cudnn.benchmark = deterministic[1]
         if d.initialised_here:
             dist.destroy_process_group()
 
