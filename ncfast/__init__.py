@@ -32,6 +32,7 @@ _C = _load_extension()
 
 from . import _ops  # noqa: E402  (registers fakes, autograd and vmap rules)
 from .losses import RescaledMSELoss, rescaled_mse_loss  # noqa: E402
+from .linear_loss import LinearRescaledMSELoss, linear_rescaled_mse_loss  # noqa: E402
 from .stats import ClassStats  # noqa: E402
 from .measurement import Measurement, measure  # noqa: E402
 from . import hessian, metrics, ufm  # noqa: E402
@@ -60,8 +61,10 @@ __all__ = [
     "measure",
     "metrics",
     "ufm",
+    "LinearRescaledMSELoss",
     "RescaledMSELoss",
     "build_info",
+    "linear_rescaled_mse_loss",
     "rescaled_mse_loss",
     "set_cuda_target_checks",
     "__version__",

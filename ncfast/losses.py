@@ -12,19 +12,20 @@ NORMALIZE = ("sample", "element")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_options(k: float, M: float, normalize: str, reduction: str) -> None:
+def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: str = _OP) -> None:
+    """The option rules every rescaled-MSE entry point shares; ``op`` names it in messages."""
     if normalize not in NORMALIZE:
-        raise ValueError(f"{_OP}: normalize must be 'sample' or 'element', got {normalize!r}")
+        raise ValueError(f"{op}: normalize must be 'sample' or 'element', got {normalize!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"{_OP}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     for name, value in (("k", k), ("M", M)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{_OP}: {name} must be a Python number, got {type(value).__name__}")
+            raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
     # The same rules as the op's own checks, here so the module fails at construction.
     if not (0 < k < float("inf")):
-        raise ValueError(f"{_OP}: k must be finite and > 0, got {k:g}")
+        raise ValueError(f"{op}: k must be finite and > 0, got {k:g}")
     if not abs(M) < float("inf"):
-        raise ValueError(f"{_OP}: M must be finite, got {M:g}")
+        raise ValueError(f"{op}: M must be finite, got {M:g}")
 
 
 def _check_weight(name: str, w: Tensor, length: int, what: str, logits: Tensor) -> None:
@@ -87,7 +88,7 @@ def rescaled_mse_loss(
     on every device. On CUDA the label range check reads the labels (one host sync); see
     :func:`ncfast.set_cuda_target_checks`.
     """
-    _check_options(k, M, normalize, reduction)
+    check_loss_options(k, M, normalize, reduction)
     # The op checks the same again; checking here first keeps argument errors in Python, where
     # they are raised the same way whatever C++ toolchain built the extension.
     check_rescaled_mse_args(logits, target, k, M)
@@ -136,7 +137,7 @@ class RescaledMSELoss(nn.Module):
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        _check_options(k, M, normalize, reduction)
+        check_loss_options(k, M, normalize, reduction)
         self.k, self.M = float(k), float(M)
         self.normalize, self.reduction = normalize, reduction
         self.ignore_index = int(ignore_index)
