@@ -1,7 +1,6 @@
 // CPU kernel of the class-statistics op: one pass over a batch that shifts every row by its
 // class's reference point and accumulates per-class counts, sums and squared norms.
 #include <algorithm>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -45,35 +44,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
       for (int64_t i = 0; i < B; ++i) {
         ++n[y[i]];
       }
-      // Threads own column blocks, so the per-class sums need no atomics; the per-class squared
-      // norms are partial per block and added up under a lock at the end.
-      std::mutex sq_lock;
-      const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, B));
-      at::parallel_for(0, d, grain, [&](int64_t c0, int64_t c1) {
-        std::vector<acc_t> sq_local(K, acc_t(0));
-        for (int64_t i = 0; i < B; ++i) {
-          const int64_t k = y[i];
-          const scalar_t* xi = x + i * d;
-          const acc_t* ck = c + k * d;
-          acc_t* oi = out + i * d;
-          acc_t* sk = sum + k * d;
-          acc_t q = 0;
-          // The rows never overlap the state they update; simd makes the loop vectorise despite
-          // the reduction (no -ffast-math here). _Pragma: this is inside a dispatch macro.
-          _Pragma("omp simd reduction(+ : q)")
-          for (int64_t j = c0; j < c1; ++j) {
-            const acc_t v = static_cast<acc_t>(xi[j]) - ck[j];
-            oi[j] = v;
-            sk[j] += v;
-            q += v * v;
+      // Threads own contiguous row blocks (streaming reads and writes); each block but the
+      // first accumulates into its own (K, d) partial sums, added up at the end. Column blocks
+      // measured slower: every thread then walks every row.
+      const int64_t blocks =
+          std::clamp<int64_t>(B / 512, 1, static_cast<int64_t>(at::get_num_threads()));
+      at::Tensor partial_sums, partial_sq;
+      if (blocks > 1) {
+        partial_sums = at::zeros({blocks - 1, K, d}, sums.options());
+        partial_sq = at::zeros({blocks - 1, K}, sq.options());
+      }
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          acc_t* sum_b = b == 0 ? sum : partial_sums.mutable_data_ptr<acc_t>() + (b - 1) * K * d;
+          acc_t* sq_b = b == 0 ? sq_total : partial_sq.mutable_data_ptr<acc_t>() + (b - 1) * K;
+          for (int64_t i = B * b / blocks; i < B * (b + 1) / blocks; ++i) {
+            const int64_t k = y[i];
+            const scalar_t* xi = x + i * d;
+            const acc_t* ck = c + k * d;
+            acc_t* oi = out + i * d;
+            acc_t* sk = sum_b + k * d;
+            acc_t q = 0;
+            // Rows never overlap the sums they update; simd makes the loop vectorise despite
+            // the reduction (no -ffast-math here). _Pragma: this is inside a dispatch macro.
+            _Pragma("omp simd reduction(+ : q)")
+            for (int64_t j = 0; j < d; ++j) {
+              const acc_t v = static_cast<acc_t>(xi[j]) - ck[j];
+              oi[j] = v;
+              sk[j] += v;
+              q += v * v;
+            }
+            sq_b[k] += q;
           }
-          sq_local[k] += q;
-        }
-        const std::lock_guard<std::mutex> guard(sq_lock);
-        for (int64_t k = 0; k < K; ++k) {
-          sq_total[k] += sq_local[k];
         }
       });
+      if (blocks > 1) {
+        sums.add_(partial_sums.sum(0));
+        sq.add_(partial_sq.sum(0));
+      }
     });
   });
   return {counts, sums, sq, shifted};
