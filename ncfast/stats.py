@@ -9,6 +9,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 _UPDATE = "ncfast.ClassStats.update"
+
+
+class NonFiniteFeaturesError(ValueError):
+    """A batch with NaN/Inf features, or features too large for the state dtype."""
+
 STATE_VERSION = 1
 GRAM_BLOCK = 128
 
@@ -158,10 +163,11 @@ class ClassStats:
             bad_row = ~torch.isfinite(features).all(1)
             if bool(bad_row.any()):
                 row = int(bad_row.nonzero()[0].item())
-                raise ValueError(f"{_UPDATE}: features must be finite, got a NaN or Inf in row "
-                                 f"{row}")
-            raise ValueError(f"{_UPDATE}: features are too large for {self.dtype} statistics: "
-                             f"max |h| = {peak:.3g} > {limit:.3g} (squared norms overflow)")
+                raise NonFiniteFeaturesError(f"{_UPDATE}: features must be finite, got a NaN or "
+                                             f"Inf in row {row}")
+            raise NonFiniteFeaturesError(
+                f"{_UPDATE}: features are too large for {self.dtype} statistics: max |h| = "
+                f"{peak:.3g} > {limit:.3g} (squared norms overflow)")
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:

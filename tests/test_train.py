@@ -330,3 +330,35 @@ def test_compiled_deterministic_run_agrees_with_eager(tmp_path):
             assert compiled.final[split][key] == pytest.approx(eager.final[split][key],
                                                                rel=1e-3, abs=1e-6), (split, key)
     assert not torch.are_deterministic_algorithms_enabled(), "run() restores the global switch"
+
+
+def test_imagefolder_resnet_with_workers(tmp_path):
+    """An ImageFolder tree (as mini-ImageNet / ImageNet presets use) through the standard
+    transforms, a ResNet-18 with the CIFAR stem, and two persistent DataLoader workers."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for k in range(3):
+            folder = tmp_path / "data" / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(16, 16, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    args = [f"runs_dir={tmp_path}", "progress=false", "data.name=imagefolder",
+            f"data.dir={tmp_path / 'data'}", "data.image_size=16", "data.batch_size=4",
+            "data.workers=2", "model.arch=resnet18", "epochs=1", "track.every=1"]
+    # lr 0.5 blows this network up (in the loss, or only in eval mode through BatchNorm's
+    # running statistics): either way a TrainingDiverged, not a ClassStats error
+    with pytest.raises(TrainingDiverged, match="training diverged"):
+        run(load(None, [*args, "optim.lr=0.5"]))
+    result = run(load(None, [*args, "optim.lr=0.01"]), overwrite=True)
+    assert result.final["train"]["samples"] == 12 and result.final["test"]["samples"] == 6
+    import multiprocessing
+
+    assert not multiprocessing.active_children(), "run() stops its persistent workers"
+    with pytest.raises(ConfigError, match=r"needs data.dir='.*empty' to hold train/ and val/ "
+                                          r"\(or test/\) class folders; found \[\]"):
+        (tmp_path / "empty").mkdir()
+        run(load(None, [f"runs_dir={tmp_path}", "data.name=imagefolder", "name=other",
+                        f"data.dir={tmp_path / 'empty'}"]))

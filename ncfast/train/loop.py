@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses, measure
+from ..stats import NonFiniteFeaturesError
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import report
 from .config import ConfigError, TrainConfig
-from .data import load_splits, loaders
+from .data import close_workers, load_splits, loaders
 from .models import build_model, final_linear
 
 # Keys that may change when a run is resumed (they do not change what is computed).
@@ -155,8 +156,13 @@ def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
                    epoch: int, d: _Dist) -> dict:
     fc = final_linear(model)
     start = time.perf_counter()
-    m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
-                loss_fn=loss_fn)
+    try:
+        m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
+                    loss_fn=loss_fn)
+    except NonFiniteFeaturesError as err:
+        raise TrainingDiverged(f"training diverged by epoch {epoch}: the {split} features are "
+                               f"not finite in eval mode ({err}); lower optim.lr (now "
+                               f"{cfg.optim.lr:g})") from None
     stats = m.stats
     # mean ||h||^2 = tr(Sigma_W) + sum_k n_k ||mu_k||^2 / N
     n = stats.counts.to(stats.means.dtype)
@@ -283,11 +289,15 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
                 cfg, net, params, train_loader, optimizer, scaler, loss_fn, device, epoch,
                 progress, d)
             train_time += seconds
-            if not math.isfinite(loss_mean):
+            finite_weights = bool(torch.stack([t.isfinite().all() for t in model.state_dict()
+                                               .values() if t.is_floating_point()]).all())
+            if not (math.isfinite(loss_mean) and finite_weights):
+                what = (f"the mean training loss is {loss_mean}" if not math.isfinite(loss_mean)
+                        else "the weights or BatchNorm statistics are no longer finite")
                 raise TrainingDiverged(
-                    f"training diverged in epoch {epoch}: the mean training loss is "
-                    f"{loss_mean}; lower optim.lr (now {cfg.optim.lr:g}). The run folder keeps "
-                    f"the checkpoint of the last finished epoch")
+                    f"training diverged in epoch {epoch}: {what}; lower optim.lr (now "
+                    f"{cfg.optim.lr:g}). The run folder keeps the checkpoint of the last "
+                    f"finished epoch")
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             emit({"kind": "train", "epoch": epoch, "loss": loss_mean, "accuracy": acc,
@@ -311,6 +321,7 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        close_workers(train_loader, train_eval_loader, test_loader)
 
     if d.main:
         report.plot(records, run_dir / report.PLOT, f"{cfg.name}: {cfg.model.arch} on "
