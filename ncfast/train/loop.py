@@ -122,6 +122,23 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                           f"continue it, --overwrite to replace it, or choose another name=")
 
 
+def _on_rank0(d: _Dist, check) -> None:
+    """Run ``check`` on rank 0 only (the run folder is rank 0's: other nodes may not see it, and
+    rank 0 may already be writing to it) and raise its error on every rank."""
+    error = None
+    if d.main:
+        try:
+            check()
+        except (ConfigError, ckpt.CheckpointError) as err:
+            error = err
+    if d.world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
 def _tracking_epochs(cfg: TrainConfig) -> set[int]:
     return set(range(0, cfg.epochs + 1, cfg.track.every)) | {0, cfg.epochs}
 
@@ -205,10 +222,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
 
 def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult:
     run_dir = Path(cfg.runs_dir) / cfg.name
-    _prepare_run_dir(run_dir, resume, overwrite)
     device = _device(cfg, d)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _on_rank0(d, lambda: _prepare_run_dir(run_dir, resume, overwrite))
     _seed_everything(cfg.seed, cfg.deterministic)
 
     # Everything that can fail on bad input happens before the run folder is touched.
