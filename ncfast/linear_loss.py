@@ -45,6 +45,16 @@ def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size
             raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
 
 
+def _check_follows_features(name: str, t: Tensor, features: Tensor,
+                            same_dtype: bool = True) -> None:
+    if same_dtype and t.dtype != features.dtype:
+        raise TypeError(f"{_OP}: {name} must have the dtype of features ({features.dtype}), "
+                        f"got {t.dtype}")
+    if t.device != features.device:
+        raise ValueError(f"{_OP}: {name} must be on the same device as features "
+                         f"({features.device}), got {t.device}")
+
+
 def check_linear_args(features: Tensor, weight: Tensor, bias: Tensor | None,
                       target: Tensor) -> None:
     """Shape, dtype and device rules, shared by the public function and the fakes (so the meta
@@ -60,9 +70,7 @@ def check_linear_args(features: Tensor, weight: Tensor, bias: Tensor | None,
         )
     if weight.dim() != 2:
         raise ValueError(f"{_OP}: weight must be 2-D (classes, dim), got {_describe(weight)}")
-    if weight.dtype != features.dtype:
-        raise TypeError(f"{_OP}: weight must have the dtype of features ({features.dtype}), "
-                        f"got {weight.dtype}")
+    _check_follows_features("weight", weight, features)
     if weight.shape[0] < 1:
         raise ValueError(f"{_OP}: weight must have at least one class (row), got "
                          f"{_describe(weight)}")
@@ -71,21 +79,13 @@ def check_linear_args(features: Tensor, weight: Tensor, bias: Tensor | None,
             f"{_OP}: features and weight must have the same width (dim): features has "
             f"{features.shape[1]} columns, weight has {weight.shape[1]}"
         )
-    if weight.device != features.device:
-        raise ValueError(f"{_OP}: weight must be on the same device as features "
-                         f"({features.device}), got {weight.device}")
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"{_OP}: bias must be a tensor or None, got {type(bias).__name__}")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{_OP}: bias must be 1-D of length {weight.shape[0]} (one per "
                              f"class), got shape {list(bias.shape)}")
-        if bias.dtype != features.dtype:
-            raise TypeError(f"{_OP}: bias must have the dtype of features ({features.dtype}), "
-                            f"got {bias.dtype}")
-        if bias.device != features.device:
-            raise ValueError(f"{_OP}: bias must be on the same device as features "
-                             f"({features.device}), got {bias.device}")
+        _check_follows_features("bias", bias, features)
     if target.dim() != 1:
         raise ValueError(f"{_OP}: target must be 1-D (batch,), got {_describe(target)}")
     if target.dtype not in (torch.int64, torch.int32):
@@ -95,9 +95,7 @@ def check_linear_args(features: Tensor, weight: Tensor, bias: Tensor | None,
             f"{_OP}: target must have one label per row of features: features has "
             f"{features.shape[0]} rows, target has {target.shape[0]}"
         )
-    if target.device != features.device:
-        raise ValueError(f"{_OP}: target must be on the same device as features "
-                         f"({features.device}), got {target.device}")
+    _check_follows_features("target", target, features, same_dtype=False)
 
 
 def _target_rows(target: Tensor, K: int, ignore_index: int):
