@@ -24,7 +24,7 @@ for f in tests/test_*.py; do
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1  # 5: no CUDA test in that file
   echo "$name: $(tail -1 "$OUT/pytest-cuda-$name.txt") (exit $rc)"
 done
-for bench in loss stats hvp linear_loss; do
+for bench in loss stats hvp linear_loss train; do
   timeout "${BENCH_TIMEOUT:-400}" $PY -m "bench.$bench" --device cuda --out "$OUT/$bench.md" \
     > "$OUT/$bench.log" 2>&1 || status=1
   tail -12 "$OUT/$bench.log"
