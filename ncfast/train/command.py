@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue runs/<name> from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing runs/<name>")
+    parser.add_argument("--data-dir", help="where the data set lives (the same as data.dir=...)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--list-keys", action="store_true", help="list every config key")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     from .loop import TrainingDiverged, run
 
     try:
-        cfg = load(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.data_dir is not None:
+            overrides.append(f"data.dir={args.data_dir}")
+        cfg = load(args.config, overrides)
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, TrainingDiverged) as err:
         sys.exit(f"ncfast train: {err}")
