@@ -117,9 +117,10 @@ def main(argv=None) -> None:
     if args.shapes or args.dtypes:
         parser.error("bench.train: the cases are fixed (--quick for a smoke run)")
     cases = (QUICK_CASES if args.quick else CASES)[device]
+    precision = "bf16 autocast + channels_last" if device == "cuda" else "fp32"
     env = harness.environment(device, {
         "settings": f"min_run_time={args.min_run_time:g} s per measurement, K={K}, SGD "
-                    f"(momentum 0.9, wd 5e-4), {'bf16 autocast + channels_last' if device == 'cuda' else 'fp32'}, "
+                    f"(momentum 0.9, wd 5e-4), {precision}, "
                     f"synthetic inputs resident on the device (no data loading), seed {SEED}"})
     others = harness.OtherCpuUse()
     gate(device)

@@ -143,7 +143,8 @@ class RescaledMSELoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.register_buffer("weight", weight)
 
-    def forward(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor,
+                sample_weight: Tensor | None = None) -> Tensor:
         return rescaled_mse_loss(
             logits, target, k=self.k, M=self.M, normalize=self.normalize,
             reduction=self.reduction, weight=self.weight, sample_weight=sample_weight,

@@ -25,7 +25,8 @@ class ClassStats:
     first sample when the class is first seen. The accumulator keeps n_k, S_k = sum (h - c_k),
     per-class sum ||h - c_k||^2 and the pooled Gram Q = sum (h - c_{y})(h - c_{y})^T, so one
     batch costs one fused pass (``torch.ops.ncfast.class_moments``) and one d x d Gram product
-    (its upper block triangle only: Q is symmetric), with no per-batch K x d^2 correction. The centred quantities follow exactly at read time:
+    (its upper block triangle only: Q is symmetric), with no per-batch K x d^2 correction.
+    The centred quantities follow exactly at read time:
 
         mu_k = c_k + S_k / n_k,     M2 = Q - sum_k S_k S_k^T / n_k,     Sigma_W = M2 / N.
 

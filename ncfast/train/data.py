@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from .config import ConfigError, DataConfig
 
@@ -134,9 +134,9 @@ def image_folder(cfg: DataConfig) -> Splits:
     train_dir = root / "train"
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
         raise ConfigError(f"data.name='imagefolder' needs data.dir={str(root)!r} to hold train/ "
-                          f"and val/ (or test/) class folders; found "
-                          f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such folder'}")
+                          f"and val/ (or test/) class folders; found {found}")
     size = cfg.image_size or 224
     train_t, test_t = _transforms(cfg, IMAGENET_MEAN, IMAGENET_STD, size,
                                   "imagenet" if size >= 128 else "crop_flip")
@@ -163,28 +163,6 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         raise ConfigError(f"data.num_classes={cfg.num_classes} disagrees with the data: "
                           f"data.name={cfg.name!r} has {splits.num_classes} classes")
     return splits
-
-
-class EpochShuffle(Sampler[int]):
-    """This process's share of a permutation drawn from (seed, epoch) alone: rank r takes
-    positions r, r + world, ... of the first world * (n // world) entries. Consecutive batches of
-    b per rank together hold the same samples as one process's batch of world * b, so runs on
-    1 and on several processes take the same optimisation steps."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen)[: len(self) * self.world]
-        return iter(order[self.rank::self.world].tolist())
 
 
 class Shard(Sampler[int]):
@@ -215,8 +193,13 @@ def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, c
                           f"processes ({world})")
     per_rank = cfg.batch_size // world
     eval_batch = max(1, cfg.eval_batch_size // world)
-    train = _loader(splits.train, per_rank, EpochShuffle(len(splits.train), seed, rank, world),
-                    cfg, cuda, drop_last=False)
+    # A permutation from (seed, epoch) alone; rank r takes its positions r, r + world, ... of
+    # the first world * (n // world) entries, so consecutive batches of b per rank together hold
+    # the samples of one process's batch of world * b: 1 and several processes take the same
+    # optimisation steps.
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    train = _loader(splits.train, per_rank, sampler, cfg, cuda, drop_last=False)
     train_eval = _loader(splits.train_eval, eval_batch, Shard(len(splits.train_eval), rank, world),
                          cfg, cuda, drop_last=False)
     test = _loader(splits.test, eval_batch, Shard(len(splits.test), rank, world), cfg, cuda,

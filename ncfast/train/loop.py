@@ -256,8 +256,9 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
             scheduler.load_state_dict(saved["scheduler"])
             scaler.load_state_dict(saved["scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(run_dir / ckpt.CHECKPOINT)!r} "
-                                       f"does not fit this model ({err})") from None
+            raise ckpt.CheckpointError(f"cannot resume: checkpoint "
+                                       f"{str(run_dir / ckpt.CHECKPOINT)!r} does not fit this "
+                                       f"model ({err})") from None
         start_epoch = saved["epoch"]
         train_time, track_time = saved["train_time"], saved["track_time"]
 
