@@ -173,6 +173,8 @@ def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
                    epoch: int, d: _Dist) -> dict:
     fc = final_linear(model)
     start = time.perf_counter()
+    # In float32 even when training under bf16/fp16 autocast: their rounding (2^-8 / 2^-11)
+    # would swamp the within-class spread of a collapsed network, and with it NC1.
     try:
         m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
                     loss_fn=loss_fn)
