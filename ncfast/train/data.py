@@ -32,9 +32,22 @@ class Splits:
     input_shape: tuple[int, ...]
 
 
+class InMemory(TensorDataset):
+    """Tensors held in memory. The DataLoader fetches a batch through ``__getitems__``: one
+    indexing op per tensor instead of B single-sample reads that collate then stacks."""
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _already_batched(batch):
+    return batch
+
+
 def _tensor_splits(x_train, y_train, x_test, y_test, num_classes) -> Splits:
-    train = TensorDataset(x_train, y_train)
-    return Splits(train, train, TensorDataset(x_test, y_test), num_classes,
+    train = InMemory(x_train, y_train)
+    return Splits(train, train, InMemory(x_test, y_test), num_classes,
                   tuple(x_train.shape[1:]))
 
 
@@ -181,9 +194,11 @@ class Shard(Sampler[int]):
 
 def _loader(dataset, batch_size, sampler, cfg: DataConfig, cuda: bool, drop_last: bool):
     workers = cfg.workers
+    collate = _already_batched if isinstance(dataset, InMemory) else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=cfg.pin_memory and cuda, drop_last=drop_last,
-                      persistent_workers=cfg.persistent_workers and workers > 0)
+                      persistent_workers=cfg.persistent_workers and workers > 0,
+                      collate_fn=collate)
 
 
 def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, cuda: bool):
