@@ -283,6 +283,14 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
         net = torch.compile(net)
 
     progress = report.Progress(cfg.progress and d.main)
+    if cfg.progress and d.main:
+        trainable = sum(p.numel() for p in params)
+        print(f"ncfast train: {run_dir} | {cfg.model.arch} ({trainable:,} trainable parameters) "
+              f"on {cfg.data.name} ({len(splits.train):,} train / {len(splits.test):,} test, "
+              f"{splits.num_classes} classes) | {cfg.loss.name}, {cfg.optim.name} lr "
+              f"{cfg.optim.lr:g}, {cfg.epochs} epochs | {device.type} x {d.world}, "
+              f"{cfg.precision}" + (f" | resumed at epoch {start_epoch}" if resume else ""),
+              flush=True)
     metrics_file = (run_dir / ckpt.METRICS).open("a") if d.main else None
     tracked = _tracking_epochs(cfg)
 
