@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
+from ._gram import symmetric_gram
 from ._ops import _describe, _plain_eager, loss_dtype, rescaled_mse_per_sample
 from .losses import check_loss_options
 
@@ -230,7 +231,7 @@ def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
     N, K = X.shape[0], W.shape[0]
     acc = loss_dtype(X.dtype)
     valid, has_target, safe = _target_rows(target, K, ignore_index)
-    G = _mm_to(W.T, W, acc)  # the first of the two K x d x d products
+    G = symmetric_gram(W, lambda a, b: _mm_to(a, b, acc))  # the first K x d x d product
     # saved[:N] = X G + 2 1 (W^T b)^T: x^T G x + 2 b^T W x is then one row dot; saved[N] = W^T b.
     saved = X.new_empty(N + 1, X.shape[1], dtype=acc)
     saved[:N] = _mm_acc(X, G)

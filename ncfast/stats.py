@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._gram import fill_lower, upper_blocks
+
 _UPDATE = "ncfast.ClassStats.update"
 
 
@@ -15,7 +17,6 @@ class NonFiniteFeaturesError(ValueError):
     """A batch with NaN/Inf features, or features too large for the state dtype."""
 
 STATE_VERSION = 1
-GRAM_BLOCK = 128
 
 
 class ClassStats:
@@ -232,28 +233,14 @@ class ClassStats:
         candidates = feats.index_select(0, first.clamp(max=B - 1)).to(self.dtype)
         return torch.where(newly_seen[:, None], candidates, self._shift)
 
-    def _gram_blocks(self) -> list[tuple[int, int]]:
-        # Column blocks of at least GRAM_BLOCK (GEMMs that narrow still run near peak on the
-        # staged blocks of thousands of rows), at most 4: the upper block triangle of n blocks
-        # costs (n + 1) / 2n of the full product (5/8 for 4).
-        n = max(1, min(4, self.dim // GRAM_BLOCK))
-        edges = [round(i * self.dim / n) for i in range(n + 1)]
-        return list(zip(edges[:-1], edges[1:]))
-
     def _accumulate_gram(self, shifted: Tensor) -> None:
         """Q += X^T X on the upper block triangle only (Q is symmetric; see _full_gram)."""
-        for start, stop in self._gram_blocks():
+        for start, stop in upper_blocks(self.dim):
             self._gram[start:stop, start:].addmm_(shifted[:, start:stop].T, shifted[:, start:])
 
     def _full_gram(self) -> Tensor:
         """Q with its lower block triangle filled in from the upper one."""
-        blocks = self._gram_blocks()
-        if len(blocks) == 1:
-            return self._gram
-        full = self._gram.clone()
-        for start, stop in blocks[1:]:
-            full[start:stop, :start] = self._gram[:start, start:stop].T
-        return full
+        return fill_lower(self._gram)
 
     def _nc4_batch(self, feats: Tensor) -> Tensor:
         # One GEMM against [W; means], then one fused pass: argmax of the logits (+ bias) vs
