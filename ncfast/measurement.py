@@ -51,6 +51,7 @@ def measure(
     global_mean: str = "weighted",
     group=None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    undefined: str = "raise",
 ) -> Measurement:
     """Measure neural collapse of ``model`` over ``loader`` (batches ``(inputs, labels)``).
 
@@ -64,7 +65,8 @@ def measure(
     Under torch.distributed each rank passes its own shard (e.g. a DistributedSampler); the
     statistics, accuracy and NC4 counts are combined exactly and every rank gets the result.
     With ``loss_fn(logits, labels)`` (a batch mean) the result also holds the mean loss over
-    every sample, from the first sweep.
+    every sample, from the first sweep. ``undefined`` is passed to
+    :func:`ncfast.metrics.all_metrics` ("none": undefined metrics are None, with the reason).
     """
     classifier = classifier if classifier is not None else _final_linear(model)
     if not isinstance(classifier, nn.Linear):
@@ -128,7 +130,7 @@ def measure(
     present = stats.counts > 0
     classes = None if bool(present.all()) else present
     result = all_metrics(stats, weight.to(device), None if bias is None else bias.to(device),
-                         global_mean=global_mean, classes=classes)
+                         global_mean=global_mean, classes=classes, undefined=undefined)
     samples = int(seen)
     return Measurement(metrics=result, accuracy=int(correct) / max(samples, 1), samples=samples,
                        empty_classes=(~present).nonzero().flatten().tolist(), stats=stats,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -612,7 +612,9 @@ class NCMetrics:
 
     Fields that need the classifier are None when no weight was given; ``nc4`` is None when the
     stats carry no NC4 count. ``*_means`` use the centred class means μ_k - μ_G as vectors,
-    ``*_classifier`` the rows of W_c.
+    ``*_classifier`` the rows of W_c. With ``all_metrics(..., undefined="none")`` a metric that
+    is undefined for these statistics (e.g. CDNV when two class means coincide) is None and
+    ``undefined`` maps its name to the reason.
     """
 
     nc1: float
@@ -630,10 +632,11 @@ class NCMetrics:
     nc3_dual: float | None = None
     bias_norm: float | None = None
     nc4: float | None = None
+    undefined: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float | None]:
-        """The fields as a plain dict, in declaration order."""
-        return asdict(self)
+        """The metric fields as a plain dict, in declaration order (``undefined`` left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "undefined"}
 
 
 def all_metrics(
@@ -642,6 +645,7 @@ def all_metrics(
     bias: Tensor | None = None,
     global_mean: str = "weighted",
     classes: Classes = None,
+    undefined: str = "raise",
 ) -> NCMetrics:
     """All metrics of theory.md 5 at once, sharing the centred means: NC1 (K x K route),
     NC1_tr, NC2_H with equinorm / equiangularity / max-angle of the centred means, CDNV, and,
@@ -650,35 +654,59 @@ def all_metrics(
     streaming count when they carry one (it always covers every sample the stats saw).
 
     ``classes`` follows the same rules as in :func:`nc1`: it may only leave out empty classes.
+    ``undefined="raise"`` (default): a metric that is undefined for these statistics raises
+    ValueError naming why; ``"none"``: it is None and ``NCMetrics.undefined`` says why (a
+    training loop keeps going when, say, two classes share a mean).
     """
     op = _name("all_metrics")
+    if undefined not in ("raise", "none"):
+        raise ValueError(f"{op}: undefined must be 'raise' or 'none', got {undefined!r}")
     if bias is not None and weight is None:
         raise ValueError(f"{op}: bias was given without weight")
+    reasons: dict[str, str] = {}
+
+    def value(name: str, compute) -> float | None:
+        if undefined == "raise":
+            return compute()
+        try:
+            return compute()
+        except ValueError as err:
+            reasons[name] = str(err)
+            return None
+
     prep = _prepare(op, stats, global_mean, classes)
     sigma_w = _sigma_w(op, stats, prep)
     v = _variances(op, stats, prep)
     Mc, H = prep.Mc, prep.Mc.T
-    fields: dict[str, float | None] = dict(
-        nc1=_nc1(op, prep, sigma_w),
-        nc1_trace=_nc1_trace(op, prep, v),
-        nc2_means=_etf_dist(op, "M_c^T M_c", Mc.T @ Mc),
-        equinorm_means=_equinorm(op, "centred class means", H),
-        equiangularity_means=_equiangularity(op, "centred class means", H),
-        max_angle_means=_max_angle(op, "centred class means", H),
-        cdnv=_cdnv(op, prep.means, v, 1024),
+    computed: dict[str, float | None] = dict(
+        nc1=value("nc1", lambda: _nc1(op, prep, sigma_w)),
+        nc1_trace=value("nc1_trace", lambda: _nc1_trace(op, prep, v)),
+        nc2_means=value("nc2_means", lambda: _etf_dist(op, "M_c^T M_c", Mc.T @ Mc)),
+        equinorm_means=value("equinorm_means",
+                             lambda: _equinorm(op, "centred class means", H)),
+        equiangularity_means=value("equiangularity_means",
+                                   lambda: _equiangularity(op, "centred class means", H)),
+        max_angle_means=value("max_angle_means",
+                              lambda: _max_angle(op, "centred class means", H)),
+        cdnv=value("cdnv", lambda: _cdnv(op, prep.means, v, 1024)),
         nc4=_nc4(op, stats),
     )
     if weight is not None:
         W = _weight(op, "weight", weight, prep.K, prep.d, prep)
         b = _bias(op, "bias", bias, prep.K, prep)
         Wc = _centre_rows(W)
-        fields.update(
-            nc2_classifier=_etf_dist(op, "weight (centred)", Wc @ Wc.T),
-            equinorm_classifier=_equinorm(op, "weight (centred)", Wc),
-            equiangularity_classifier=_equiangularity(op, "weight (centred)", Wc),
-            max_angle_classifier=_max_angle(op, "weight (centred)", Wc),
-            nc3_gram=_etf_dist(op, "W_c M_c", Wc @ Mc),
-            nc3_dual=_nc3_dual(op, "weight", W, Mc, True, False),
+        computed.update(
+            nc2_classifier=value("nc2_classifier",
+                                 lambda: _etf_dist(op, "weight (centred)", Wc @ Wc.T)),
+            equinorm_classifier=value("equinorm_classifier",
+                                      lambda: _equinorm(op, "weight (centred)", Wc)),
+            equiangularity_classifier=value(
+                "equiangularity_classifier",
+                lambda: _equiangularity(op, "weight (centred)", Wc)),
+            max_angle_classifier=value("max_angle_classifier",
+                                       lambda: _max_angle(op, "weight (centred)", Wc)),
+            nc3_gram=value("nc3_gram", lambda: _etf_dist(op, "W_c M_c", Wc @ Mc)),
+            nc3_dual=value("nc3_dual", lambda: _nc3_dual(op, "weight", W, Mc, True, False)),
             bias_norm=_bias_norm(W, b, prep.mu_g),
         )
-    return NCMetrics(**fields)
+    return NCMetrics(**computed, undefined=reasons)

@@ -555,3 +555,20 @@ def test_coincident_means_are_reported():
     s = reference.class_stats(h, y, 3)
     with pytest.raises(ValueError, match=re.escape("cdnv: classes [0, 2] have the same mean")):
         metrics.cdnv(s)
+
+
+def test_all_metrics_reports_undefined_metrics_by_name_when_asked():
+    y = torch.arange(3).repeat(4)
+    h = torch.randn(12, 4, generator=gen(17), dtype=F64)
+    h[y == 2] = h[y == 0]
+    s = reference.class_stats(h, y, 3)
+    W = torch.randn(3, 4, generator=gen(18), dtype=F64)
+    with pytest.raises(ValueError, match=re.escape("classes [0, 2] have the same mean")):
+        metrics.all_metrics(s, W)
+    m = metrics.all_metrics(s, W, undefined="none")
+    assert m.cdnv is None and set(m.undefined) == {"cdnv"}
+    assert "classes [0, 2] have the same mean" in m.undefined["cdnv"]
+    assert isinstance(m.nc1, float) and isinstance(m.nc3_dual, float)
+    assert "undefined" not in m.as_dict()
+    with pytest.raises(ValueError, match=r"undefined must be 'raise' or 'none', got 'skip'"):
+        metrics.all_metrics(s, W, undefined="skip")

@@ -177,7 +177,7 @@ def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
     # would swamp the within-class spread of a collapsed network, and with it NC1.
     try:
         m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
-                    loss_fn=loss_fn)
+                    loss_fn=loss_fn, undefined="none")
     except NonFiniteFeaturesError as err:
         raise TrainingDiverged(f"training diverged by epoch {epoch}: the {split} features are "
                                f"not finite in eval mode ({err}); lower optim.lr (now "
@@ -193,6 +193,8 @@ def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
               "bias_param_norm": None if fc.bias is None else float(fc.bias.detach().norm()),
               "empty_classes": m.empty_classes,
               "seconds": time.perf_counter() - start}
+    if m.metrics.undefined:  # e.g. two classes share a mean early in training
+        record["undefined"] = m.metrics.undefined
     return record
 
 
@@ -337,7 +339,7 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
                 if d.main:
                     last = [r for r in records if r["kind"] == "nc" and r["epoch"] == epoch]
                     progress.epoch_done("  NC " + "  ".join(
-                        f"{r['split']}: acc {r['accuracy']:.4f} NC1 {r['nc1']:.3g}"
+                        f"{r['split']}: acc {r['accuracy']:.4f} NC1 {report.fmt(r['nc1'])}"
                         for r in last))
             if d.main and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
                 ckpt.save(run_dir / ckpt.CHECKPOINT, {

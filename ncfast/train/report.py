@@ -98,7 +98,7 @@ def summary(records: list[dict], train_time: float, track_time: float) -> str:
     header = "| split | epoch | " + " | ".join(keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 2)]
     for split, r in rows:
-        cells = [_fmt(r.get(k)) for k in keys]
+        cells = [fmt(r.get(k)) for k in keys]
         lines.append(f"| {split} | {r['epoch']} | " + " | ".join(cells) + " |")
     overhead = track_time / train_time if train_time > 0 else float("nan")
     lines.append("")
@@ -107,7 +107,8 @@ def summary(records: list[dict], train_time: float, track_time: float) -> str:
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
+    """A metric for a table: 4 significant digits, "-" when undefined."""
     if v is None:
         return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
