@@ -107,7 +107,9 @@ def test_every_preset_loads_and_is_listed():
     listed = cli("--list-presets")
     assert listed.returncode == 0 and all(name in listed.stdout for name in presets)
     assert "optim.lr" in all_keys()
-    missing = cli("--config", "cifar10-resnet18-sgd", "--data-dir", "/nonexistent/cifar")
+    # flags and overrides in any order
+    missing = cli("epochs=1", "--config", "cifar10-resnet18-sgd", "data.download=false",
+                  "--data-dir", "/nonexistent/cifar")
     assert missing.returncode != 0
     assert "data.dir='/nonexistent/cifar'" in missing.stderr and "data.download=true" in \
         missing.stderr

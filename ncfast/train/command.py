@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--list-keys", action="store_true", help="list every config key")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may sit between the overrides
     if args.list_presets:
         import yaml
 
