@@ -368,3 +368,13 @@ def test_imagefolder_resnet_with_workers(tmp_path):
         (tmp_path / "empty").mkdir()
         run(load(None, [f"runs_dir={tmp_path}", "data.name=imagefolder", "name=other",
                         f"data.dir={tmp_path / 'empty'}"]))
+
+
+def test_cli_resume_takes_the_saved_config(tmp_path):
+    first = cli(*QUICK, f"runs_dir={tmp_path}", "name=r", "epochs=1", "optim.lr=0.3")
+    assert first.returncode == 0, first.stderr
+    more = cli("--resume", f"runs_dir={tmp_path}", "name=r", "epochs=2")
+    assert more.returncode == 0, more.stderr
+    records = ckpt.read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert load(str(tmp_path / "r" / "config.yaml")).optim.lr == 0.3

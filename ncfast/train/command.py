@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CONFIG, CheckpointError
 from .config import ConfigError, all_keys, list_presets, load
 
 
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
                     "a 2-core CPU). Overrides are dotted keys, e.g. optim.lr=0.1 epochs=100.")
     parser.add_argument("--config", help="a YAML file, or a preset's name (--list-presets)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue runs/<name> from its last checkpoint")
+                        help="continue runs/<name> from its last checkpoint, with the config "
+                             "saved there (overrides of epochs, workers, data.dir apply)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing runs/<name>")
     parser.add_argument("--data-dir", help="where the data set lives (the same as data.dir=...)")
@@ -41,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
         overrides = list(args.overrides)
         if args.data_dir is not None:
             overrides.append(f"data.dir={args.data_dir}")
-        cfg = load(args.config, overrides)
+        config = args.config
+        if args.resume and config is None:  # continue the run as it was configured
+            named = load(None, overrides)
+            saved = Path(named.runs_dir) / named.name / CONFIG
+            config = str(saved) if saved.is_file() else None
+        cfg = load(config, overrides)
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, TrainingDiverged) as err:
         sys.exit(f"ncfast train: {err}")
