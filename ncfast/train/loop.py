@@ -411,7 +411,7 @@ def _train_epoch(cfg, net, params, loader, optimizer, scaler, loss_fn, device, e
         seen += y.numel()
         if progress.tty:
             progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
-                            time.perf_counter() - start, float(loss))
+                            time.perf_counter() - start, loss)
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
                                                                    dtype=torch.float64)])
     if d.world > 1:

@@ -19,7 +19,9 @@ class Progress:
         self._last = 0.0
 
     def update(self, epoch: int, epochs: int, batch: int, batches: int, samples: int,
-               seconds: float, loss: float) -> None:
+               seconds: float, loss) -> None:
+        """``loss`` may be a device tensor: it is read (a host sync) only when the line is
+        redrawn, at most five times a second."""
         now = time.perf_counter()
         if not self.tty or (now - self._last < 0.2 and batch < batches):
             return
@@ -28,7 +30,7 @@ class Progress:
         filled = round(width * batch / max(batches, 1))
         self.stream.write(f"\repoch {epoch}/{epochs} [{'=' * filled}{' ' * (width - filled)}] "
                           f"{batch}/{batches}  {samples / max(seconds, 1e-9):,.0f} samples/s  "
-                          f"loss {loss:.4g}  ")
+                          f"loss {float(loss):.4g}  ")
         self.stream.flush()
 
     def epoch_done(self, line: str) -> None:
