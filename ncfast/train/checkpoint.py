@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, flatten
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -96,9 +96,7 @@ def truncate_metrics(path: Path, epoch: int) -> list[dict]:
 
 def check_same_config(saved: dict, current: dict, free: tuple[str, ...]) -> None:
     """A resumed run must be the same run: only the ``free`` keys may differ."""
-    from .config import _flatten
-
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in free)
     if differ:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ)

@@ -220,13 +220,14 @@ def _set(cfg, key: str, value: Any) -> None:
             node, cls = getattr(node, part), hint
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (YAML, or a config as a dict) as {dotted key: value}."""
     flat = {}
     for key, value in tree.items():
         if not isinstance(key, str):
             raise ConfigError(f"config keys must be strings, got {key!r}")
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
@@ -234,7 +235,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> None:
     """Choices, ranges and combinations; raises ConfigError naming the key."""
-    flat = to_flat(cfg)
+    flat = flatten(to_dict(cfg))
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
@@ -265,10 +266,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'name' must be a folder name, got {cfg.name!r}")
 
 
-def to_flat(cfg: TrainConfig) -> dict[str, Any]:
-    return _flatten(dataclasses.asdict(cfg))
-
-
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -276,7 +273,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def from_dict(tree: dict, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated config from a nested dict (YAML) plus dotted-key overrides."""
     cfg = TrainConfig()
-    for key, value in _flatten(tree or {}).items():
+    for key, value in flatten(tree or {}).items():
         _set(cfg, key, value)
     for key, value in (overrides or {}).items():
         _set(cfg, key, value)

@@ -25,7 +25,7 @@ from . import config as config_mod
 from . import report
 from .config import ConfigError, TrainConfig
 from .data import close_workers, load_splits, loaders
-from .models import build_model, final_linear
+from .models import build_model
 
 # Keys that may change when a run is resumed (they do not change what is computed).
 RESUME_FREE = ("epochs", "progress", "data.workers", "data.pin_memory",
@@ -171,7 +171,7 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
                    epoch: int, d: _Dist) -> dict:
-    fc = final_linear(model)
+    fc = model.fc  # every model of build_model ends in this classifier
     start = time.perf_counter()
     # In float32 even when training under bf16/fp16 autocast: their rounding (2^-8 / 2^-11)
     # would swamp the within-class spread of a collapsed network, and with it NC1.

@@ -146,10 +146,3 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]
     if cfg.arch == "wrn28_10":
         return WideResNet(num_classes, input_shape[0], cfg)
     return _resnet(cfg.arch, num_classes, input_shape[0], cfg)
-
-
-def final_linear(model: nn.Module) -> nn.Linear:
-    """The classifier whose input the NC metrics measure (unwraps DDP and torch.compile)."""
-    inner = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    return inner.fc
