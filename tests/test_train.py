@@ -1,7 +1,6 @@
 """`ncfast train`: config handling, presets, models (theory 6.3's parameter counts), the run
 folder and its safety rules, exact resume after SIGKILL, DDP equivalence, the digits default."""
 
-import json
 import os
 import signal
 import socket

@@ -170,7 +170,7 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
-                   epoch: int, d: _Dist) -> dict:
+                   epoch: int) -> dict:
     fc = model.fc  # every model of build_model ends in this classifier
     start = time.perf_counter()
     # In float32 even when training under bf16/fp16 autocast: their rounding (2^-8 / 2^-11)
@@ -306,9 +306,9 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
         nonlocal track_time
         start = time.perf_counter()
         _sync_buffers(model, d)
-        emit(_measure_split(model, train_eval_loader, loss_fn, device, cfg, "train", epoch, d))
+        emit(_measure_split(model, train_eval_loader, loss_fn, device, cfg, "train", epoch))
         if cfg.track.test:
-            emit(_measure_split(model, test_loader, loss_fn, device, cfg, "test", epoch, d))
+            emit(_measure_split(model, test_loader, loss_fn, device, cfg, "test", epoch))
         track_time += time.perf_counter() - start
 
     try:
