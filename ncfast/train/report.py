@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .checkpoint import atomic_write
+
 PLOT = "nc.png"
 
 
@@ -79,10 +81,8 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def summary(records: list[dict], train_time: float, track_time: float) -> str:
