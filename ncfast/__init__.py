@@ -31,7 +31,8 @@ def _load_extension():
 _C = _load_extension()
 
 from . import _ops  # noqa: E402  (registers fakes, autograd and vmap rules)
-from .losses import RescaledMSELoss, rescaled_mse_loss  # noqa: E402
+from .losses import (  # noqa: E402
+    RescaledMSELoss, cuda_target_checks, rescaled_mse_loss, set_cuda_target_checks)
 from .linear_loss import LinearRescaledMSELoss, linear_rescaled_mse_loss  # noqa: E402
 from .stats import ClassStats  # noqa: E402
 from .measurement import Measurement, measure  # noqa: E402
@@ -41,17 +42,6 @@ from . import hessian, metrics, ufm  # noqa: E402
 def build_info() -> dict:
     """How the extension was built: torch version, CUDA kernels, arch list, compilers."""
     return dict(_C.build_info())
-
-
-def set_cuda_target_checks(enabled: bool) -> bool:
-    """Turn the CUDA label-range check on or off; returns the previous setting.
-
-    On CUDA the check reads the labels back (one host synchronisation per loss call). With it
-    off, out-of-range labels raise nothing: such a row is treated as if no class matched (every
-    entry weighted 1 with target 0); memory stays safe, since labels are only compared. The
-    check is always on for CPU tensors and always skipped while a CUDA graph is captured.
-    """
-    return bool(_C.set_cuda_target_checks(bool(enabled)))
 
 
 __all__ = [
@@ -64,6 +54,7 @@ __all__ = [
     "LinearRescaledMSELoss",
     "RescaledMSELoss",
     "build_info",
+    "cuda_target_checks",
     "linear_rescaled_mse_loss",
     "rescaled_mse_loss",
     "set_cuda_target_checks",

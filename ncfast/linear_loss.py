@@ -4,7 +4,6 @@ time ("chunked"). Functional form, nn.Module and the two custom ops behind them.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from . import _C
 from ._gram import symmetric_gram
 from ._ops import _describe, _plain_eager, loss_dtype, rescaled_mse_per_sample
-from .losses import check_loss_options
+from .losses import check_loss_options, cuda_target_checks
 
 _OP = "ncfast.linear_rescaled_mse_loss"
 METHODS = ("auto", "gram", "chunked")
@@ -198,20 +197,6 @@ def _weight_vec(weight: Tensor, v: Tensor) -> Tensor:
     return weight.to(acc) @ v
 
 
-@contextlib.contextmanager
-def _no_cuda_label_checks(t: Tensor):
-    """The labels were checked once for the whole call: the plain op need not read them back
-    (one host sync) chunk after chunk."""
-    if not t.is_cuda:
-        yield
-        return
-    previous = _C.set_cuda_target_checks(False)
-    try:
-        yield
-    finally:
-        _C.set_cuda_target_checks(previous)
-
-
 # ---------------------------------------------------------------------------- gram formulas
 
 def _target_terms(zy: Tensor, has_target: Tensor, k: float, M: float):
@@ -258,7 +243,7 @@ def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
         _raise_bad_label(target, bad, K, ignore_index)
     if any_exact:
         rows = exact.nonzero().flatten()
-        with _no_cuda_label_checks(X):
+        with cuda_target_checks(False):  # checked once for the whole call
             for start in range(0, rows.numel(), chunk):
                 r = rows[start:start + chunk]
                 z = F.linear(X.index_select(0, r), W, b)
@@ -343,7 +328,7 @@ def _chunked_forward(X, W, b, target, k, M, ignore_index, chunk):
     N, K = X.shape[0], W.shape[0]
     _check_target_values(target, K, ignore_index)
     loss = X.new_empty(N, dtype=loss_dtype(X.dtype))
-    with _no_cuda_label_checks(X):
+    with cuda_target_checks(False):  # checked once for the whole call
         for start in range(0, N, chunk):
             z = F.linear(X[start:start + chunk], W, b)
             loss[start:start + chunk] = _ops.rescaled_mse(z, target[start:start + chunk], k, M,

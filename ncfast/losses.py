@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
+from . import _C
 from ._ops import check_rescaled_mse_args, loss_dtype, rescaled_mse_per_sample
 
 _OP = "ncfast.rescaled_mse_loss"
 NORMALIZE = ("sample", "element")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def set_cuda_target_checks(enabled: bool) -> bool:
+    """Turn the CUDA label-range check on or off; returns the previous setting.
+
+    On CUDA the check reads the labels back (one host synchronisation per loss call). With it
+    off, out-of-range labels raise nothing: such a row is treated as if no class matched (every
+    entry weighted 1 with target 0); memory stays safe, since labels are only compared. The
+    check is always on for CPU tensors and always skipped while a CUDA graph is captured.
+    """
+    return bool(_C.set_cuda_target_checks(bool(enabled)))
+
+
+@contextlib.contextmanager
+def cuda_target_checks(enabled: bool) -> Iterator[None]:
+    """``set_cuda_target_checks(enabled)`` inside the block, the previous setting after it. For
+    labels already known to be in range, e.g. those of a validated data set, so that a training
+    step never waits for the host."""
+    previous = set_cuda_target_checks(enabled)
+    try:
+        yield
+    finally:
+        set_cuda_target_checks(previous)
 
 
 def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: str = _OP) -> None:

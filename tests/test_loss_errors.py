@@ -162,12 +162,21 @@ def test_device_mismatch_errors():
 def test_cuda_target_checks_can_be_turned_off():
     logits = torch.randn(2, 3, device="cuda", dtype=torch.float64)
     target = torch.tensor([0, 7], device="cuda")
-    previous = ncfast.set_cuda_target_checks(False)
-    try:
+    with ncfast.cuda_target_checks(False):
         per = ncfast.rescaled_mse_loss(logits, target, reduction="none")
-    finally:
-        ncfast.set_cuda_target_checks(previous)
     # An unchecked out-of-range label matches no class: the row is a plain sum of squares.
     torch.testing.assert_close(per[1], (logits[1] ** 2).sum())
     with pytest.raises(ValueError):
         ncfast.rescaled_mse_loss(logits, target)
+
+
+def test_cuda_target_checks_context_restores_the_setting():
+    before = ncfast._C.cuda_target_checks_enabled()
+    with pytest.raises(RuntimeError, match="inside"):
+        with ncfast.cuda_target_checks(not before):
+            assert ncfast._C.cuda_target_checks_enabled() is (not before)
+            raise RuntimeError("inside")
+    assert ncfast._C.cuda_target_checks_enabled() is before
+    # CPU labels are always checked, whatever the setting.
+    with ncfast.cuda_target_checks(False), pytest.raises(ValueError, match="target"):
+        ncfast.rescaled_mse_loss(torch.randn(2, 3), torch.tensor([0, 3]))

@@ -216,7 +216,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.backends.cudnn.benchmark)
     try:
-        return _run(cfg, resume, overwrite, d)
+        # Every data source yields labels in [0, K) (data.py checks K against the data), so
+        # the loss need not read them back on CUDA: no host sync inside a training step.
+        with losses.cuda_target_checks(False):
+            return _run(cfg, resume, overwrite, d)
     finally:
         torch.use_deterministic_algorithms(deterministic[0])
         torch.backends.cudnn.benchmark = deterministic[1]
