@@ -19,14 +19,17 @@ TORCH_LIBRARY(ncfast, m) {
   // Class statistics (theory.md 5.8, shifted form): one pass over a batch. Row i of class k is
   // shifted by shift[k] (the class's reference point); returns per-class counts, sums and
   // squared norms of the shifted rows, and the shifted rows themselves (for one Gram product),
-  // all in the accumulate type of the features (= shift's dtype). Labels must be in [0, K).
+  // all in the accumulate type of the features (= shift's dtype). Labels must be < K; a row
+  // with a negative label is skipped: it adds nothing and its shifted row is zero.
   m.def(
       "class_moments(Tensor features, Tensor labels, Tensor shift) -> "
       "(Tensor counts, Tensor sums, Tensor sq, Tensor shifted)");
   // NC4 (theory.md 5.6), after one GEMM of a batch against [W; means] (scores, B x 2K): counts
   // rows whose classifier prediction argmax_k (scores[:, k] + bias_k) differs from the nearest
-  // class mean argmin_k (sq_norms_k - 2 scores[:, K + k]). Returns a 0-dim int64 count.
-  m.def("nc4_mismatches(Tensor scores, Tensor? bias, Tensor sq_norms) -> Tensor");
+  // class mean argmin_k (sq_norms_k - 2 scores[:, K + k]); rows where the optional bool mask
+  // skip is true are not counted. Returns a 0-dim int64 count.
+  m.def("nc4_mismatches(Tensor scores, Tensor? bias, Tensor sq_norms, Tensor? skip=None) -> "
+        "Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

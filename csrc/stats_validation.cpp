@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> new_class_moments(
 }
 
 void check_nc4_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
-                    const at::Tensor& sq_norms) {
+                    const at::Tensor& sq_norms, const std::optional<at::Tensor>& skip) {
   constexpr const char* op = "ncfast.ClassStats (NC4)";
   TORCH_CHECK_VALUE(sq_norms.dim() == 1 && sq_norms.size(0) >= 1, cat(op,
                     ": sq_norms must be 1-D with one entry per class"));
@@ -58,6 +58,12 @@ void check_nc4_args(const at::Tensor& scores, const std::optional<at::Tensor>& b
     TORCH_CHECK_TYPE(bias->scalar_type() == scores.scalar_type(), cat(op,
                      ": bias must have the dtype of scores"));
     TORCH_CHECK_VALUE(bias->device() == scores.device(), cat(op, ": inputs must share a device"));
+  }
+  if (skip.has_value()) {
+    TORCH_CHECK_VALUE(skip->dim() == 1 && skip->size(0) == scores.size(0), cat(op,
+                      ": skip must be 1-D with one entry per row of scores"));
+    TORCH_CHECK_TYPE(skip->scalar_type() == at::kBool, cat(op, ": skip must be bool"));
+    TORCH_CHECK_VALUE(skip->device() == scores.device(), cat(op, ": inputs must share a device"));
   }
 }
 

@@ -326,7 +326,7 @@ def _class_moments_fake(features, labels, shift):
 
 
 @torch.library.register_fake("ncfast::nc4_mismatches")
-def _nc4_mismatches_fake(scores, bias, sq_norms):
+def _nc4_mismatches_fake(scores, bias, sq_norms, skip=None):
     if scores.dim() != 2 or sq_norms.dim() != 1 or scores.shape[1] != 2 * sq_norms.shape[0]:
         raise ValueError("ncfast.ClassStats (NC4): scores must be (batch, 2K) = (batch, "
                          f"{2 * sq_norms.shape[0]})")

@@ -17,6 +17,7 @@ class NonFiniteFeaturesError(ValueError):
     """A batch with NaN/Inf features, or features too large for the state dtype."""
 
 STATE_VERSION = 1
+CHECK_MODES = (True, False, "immediate", "deferred")
 
 
 class ClassStats:
@@ -40,20 +41,33 @@ class ClassStats:
         device: where the state lives (default CPU).
         dtype: state dtype, float32 (default) or float64. bf16/fp16 features are accumulated in
             float32; other feature dtypes are converted to the state dtype.
-        check_inputs: validate label range and finiteness of every batch before it is added
-            (on CUDA this reads flags back: a host sync per batch). With False, ``update``
-            never synchronises and the caller guarantees valid input (out-of-range labels are
-            then clamped into range, never used as out-of-bounds addresses).
+        check_inputs: how every batch's values are validated (label range, finite features
+            whose squared norms fit the state dtype); shapes, dtypes and devices are always
+            checked at once.
+
+            - ``"immediate"``: before ``update`` returns; a bad batch raises there. On CUDA this
+              reads flags back, a host synchronisation per batch.
+            - ``"deferred"``: on the device, when staged rows are folded into the state, so
+              ``update`` never synchronises. A bad batch is left out of the state as a whole,
+              and the next read of the state (``counts``, ``means``, ``sigma_w()``, ``merge``,
+              ``state_dict()``, ...) raises once, naming the first bad batch (its number among
+              the updates since the last reset) and how many were left out. The state then
+              equals that of the accepted batches alone.
+            - ``True`` (default): immediate on CPU, where it costs nothing, deferred on CUDA.
+            - ``False``: no check; the caller guarantees valid input (out-of-range labels are
+              then clamped into range, never used as out-of-bounds addresses).
         nc4_weight, nc4_bias, nc4_means: classifier (K, d), optional bias (K,) and the class
             means of a *previous pass* (K, d); when given, ``update`` also counts samples whose
             nearest class mean disagrees with the classifier's prediction (NC4, theory.md 5.6).
             ``ncfast.measure`` makes that second sweep for you.
         buffer_rows: batches smaller than this are staged in a (buffer_rows, d) buffer and
             folded into the state a block at a time (when it is full, and before any read,
-            merge or state_dict). Default: 2^23 / d rows (32 MiB of float32), in [256, 8192].
+            merge or state_dict). Default: 2^23 / d rows (32 MiB of float32) in [256, 8192] on
+            CPU; 2^25 / d rows (128 MiB) in [256, 32768] on CUDA, where every fold costs some
+            launches and larger Gram blocks run faster.
 
-    ``update`` checks its input before touching the state: a rejected batch leaves the
-    accumulator exactly as it was.
+    A rejected batch leaves the accumulator exactly as it was (with deferred checks: as if
+    that update had never been made).
     """
 
     def __init__(
@@ -68,19 +82,26 @@ class ClassStats:
         nc4_means: Tensor | None = None,
         buffer_rows: int | None = None,
     ) -> None:
-        if buffer_rows is None:  # a staging buffer of at most 32 MiB in float32
-            buffer_rows = max(256, min(8192, 2**23 // dim))
+        # Resolved through an allocation so "cuda" becomes "cuda:0": devices compare exactly.
+        self.device = torch.empty(0, device="cpu" if device is None else device).device
         for name, value in (("num_classes", num_classes), ("dim", dim),
-                            ("buffer_rows", buffer_rows)):
+                            ("buffer_rows", 1 if buffer_rows is None else buffer_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ncfast.ClassStats: {name} must be an int >= 1, got {value!r}")
+        if buffer_rows is None:  # a staging buffer of 32 MiB of float32 (128 MiB on a GPU)
+            cpu = self.device.type == "cpu"
+            buffer_rows = max(256, min(8192 if cpu else 32768, (2**23 if cpu else 2**25) // dim))
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"ncfast.ClassStats: dtype must be torch.float32 or torch.float64, "
                             f"got {dtype}")
         self.num_classes, self.dim, self.dtype = num_classes, dim, dtype
-        # Resolved through an allocation so "cuda" becomes "cuda:0": devices compare exactly.
-        self.device = torch.empty(0, device="cpu" if device is None else device).device
+        if not any(check_inputs is mode or (isinstance(check_inputs, str) and
+                                            check_inputs == mode) for mode in CHECK_MODES):
+            raise ValueError(f"ncfast.ClassStats: check_inputs must be True, False, 'immediate' "
+                             f"or 'deferred', got {check_inputs!r}")
         self.check_inputs = check_inputs
+        self._checks = ("immediate" if self.device.type == "cpu" else "deferred") \
+            if check_inputs is True else (check_inputs or None)
         self.buffer_rows = buffer_rows
         self._staged_x = self._staged_y = None
         self._nc4 = self._check_nc4(nc4_weight, nc4_bias, nc4_means)
@@ -100,6 +121,11 @@ class ClassStats:
         self._nc4_mismatches = torch.zeros((), device=self.device, dtype=torch.int64)
         self._nc4_total = torch.zeros((), device=self.device, dtype=torch.int64)
         self._pending = 0  # rows staged in _staged_x / _staged_y, not yet in the state
+        self._batches = 0  # updates since the reset: numbers the batches in deferred errors
+        self._staged_batches: list[tuple[int, int]] = []  # (first staged row, batch number)
+        # Deferred checks: [batches left out, then for the first of them: its number, row,
+        # label, max |h|], on the device until a read of the state looks at it.
+        self._rejected = torch.zeros(5, device=self.device, dtype=torch.float64)
 
     def _check_nc4(self, weight, bias, means):
         if weight is None and bias is None and means is None:
@@ -154,7 +180,7 @@ class ClassStats:
         dtype) in two reductions and one host read."""
         lo, hi = torch.aminmax(labels)
         f_lo, f_hi = torch.aminmax(features)  # a NaN propagates into both
-        limit = (torch.finfo(self.dtype).max / (4 * self.dim)) ** 0.5  # ||2h||^2 stays finite
+        limit = self._magnitude_limit()
         lo, hi, f_lo, f_hi = torch.stack([lo.double(), hi.double(), f_lo.double(),
                                           f_hi.double()]).tolist()
         peak = max(-f_lo, f_hi) if f_lo == f_lo and f_hi == f_hi else float("nan")
@@ -182,12 +208,13 @@ class ClassStats:
         B = features.shape[0]
         if B == 0:
             return
-        if self.check_inputs:
+        if self._checks == "immediate":
             self._check_values(features, labels)
         # Commit only now: everything above may raise without touching the state.
+        self._batches += 1
         if B >= self.buffer_rows:
             self._flush()
-            self._add(features.to(self._feature_dtype(features)), labels)
+            self._add(features.to(self._feature_dtype(features)), labels, [(0, self._batches)])
             return
         if self._pending + B > self.buffer_rows:
             self._flush()
@@ -197,19 +224,77 @@ class ClassStats:
             self._staged_y = torch.empty(self.buffer_rows, device=self.device, dtype=torch.int64)
         self._staged_x[self._pending:self._pending + B].copy_(features, non_blocking=True)
         self._staged_y[self._pending:self._pending + B].copy_(labels, non_blocking=True)
+        self._staged_batches.append((self._pending, self._batches))
         self._pending += B
 
     def _flush(self) -> None:
-        """Fold the staged rows into the state."""
+        """Fold the staged rows into the state (no host synchronisation)."""
         if self._pending:
             rows, self._pending = self._pending, 0
-            self._add(self._staged_x[:rows], self._staged_y[:rows])
+            batches, self._staged_batches = self._staged_batches, []
+            self._add(self._staged_x[:rows], self._staged_y[:rows], batches)
 
-    def _add(self, feats: Tensor, labels: Tensor) -> None:
-        K, B = self.num_classes, feats.shape[0]
+    def _settle(self) -> None:
+        """Before any read: fold the staged rows in, then report batches that deferred checks
+        left out (one host read)."""
+        self._flush()
+        if self._checks != "deferred":
+            return
+        left_out, batch, row, label, peak = self._rejected.tolist()
+        if not left_out:
+            return
+        self._rejected.zero_()
+        others = "" if left_out == 1 else f" ({int(left_out) - 1} later bad batches too)"
+        where = (f"{_UPDATE}: batch {int(batch)} (counted from the last reset) was left out of "
+                 f"the statistics{others}: ")
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"{where}labels must be in [0, {self.num_classes}), got "
+                             f"{int(label)} in row {int(row)}")
+        if peak != peak or peak == float("inf"):
+            raise NonFiniteFeaturesError(f"{where}features must be finite, got a NaN or Inf in "
+                                         f"row {int(row)}")
+        raise NonFiniteFeaturesError(
+            f"{where}features are too large for {self.dtype} statistics: max |h| = {peak:.3g} "
+            f"> {self._magnitude_limit():.3g} in row {int(row)} (squared norms overflow)")
+
+    def _magnitude_limit(self) -> float:
+        """The largest |h| whose squared norms (of h - c, up to ||2h||^2) fit the state dtype."""
+        return (torch.finfo(self.dtype).max / (4 * self.dim)) ** 0.5
+
+    def _screen(self, feats: Tensor, labels: Tensor, batches: list[tuple[int, int]]) -> Tensor:
+        """Deferred checks, on the device: labels with -1 on every row of a batch that fails
+        them (the kernels skip such rows), and the first failure noted in ``_rejected``."""
+        R, dev = feats.shape[0], self.device
+        lo, hi = torch.aminmax(feats, dim=1)  # a NaN propagates into both
+        peak = torch.maximum(-lo, hi).to(torch.float64)
+        row_bad = (labels < 0) | (labels >= self.num_classes) | ~(peak <= self._magnitude_limit())
+        # Row -> batch: the batches' first rows and numbers, copied without a host sync.
+        table = torch.tensor(batches, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        table = table.to(dev, non_blocking=True)
+        batch_of_row = torch.searchsorted(table[:, 0].contiguous(),
+                                          torch.arange(R, device=dev), right=True) - 1
+        bad_rows_per_batch = torch.zeros(len(batches), device=dev, dtype=torch.int64)
+        bad_rows_per_batch.index_add_(0, batch_of_row, row_bad.long())
+        skip = bad_rows_per_batch.index_select(0, batch_of_row) > 0
+        first = torch.argmax(row_bad.to(torch.uint8))  # the first bad row (0 if none)
+        found = torch.stack([
+            (bad_rows_per_batch > 0).sum().double(),
+            table[batch_of_row[first], 1].double(),
+            (first - table[batch_of_row[first], 0]).double(),
+            labels[first].double(), peak[first]])
+        total = self._rejected[0] + found[0]
+        self._rejected = torch.where(self._rejected[0] > 0, self._rejected, found)  # the first
+        self._rejected[0] = total
+        return skip
+
+    def _add(self, feats: Tensor, labels: Tensor, batches: list[tuple[int, int]]) -> None:
+        K = self.num_classes
+        skip = self._screen(feats, labels, batches) if self._checks == "deferred" else None
         # The kernel indexes by label: clamped labels keep it in bounds whatever the input
-        # (with check_inputs=False the caller vouches for them).
+        # (with check_inputs=False the caller vouches for them); -1 marks a skipped row.
         safe_labels = labels.clamp(0, K - 1)
+        if skip is not None:
+            safe_labels = torch.where(skip, -1, safe_labels)
         shift = self._shift if self._all_seen else self._new_shift(feats, safe_labels)
         counts, sums, sq, shifted = torch.ops.ncfast.class_moments(feats, safe_labels, shift)
         self._shift = shift
@@ -218,17 +303,19 @@ class ClassStats:
         self._sq += sq
         self._accumulate_gram(shifted)
         if self._nc4 is not None:
-            self._nc4_mismatches += self._nc4_batch(feats)
-            self._nc4_total += B
+            self._nc4_mismatches += self._nc4_batch(feats, skip)
+            self._nc4_total += feats.shape[0] if skip is None else (~skip).sum()
         if self.device.type == "cpu" and not self._all_seen:  # a free read on the CPU only
             self._all_seen = bool(self._counts.all())
 
     def _new_shift(self, feats: Tensor, labels: Tensor) -> Tensor:
         """Reference points after this batch: classes seen for the first time take their first
-        sample in it."""
+        sample in it (skipped rows, labelled -1, are never one)."""
         K, B = self.num_classes, feats.shape[0]
-        first = torch.full((K,), B, device=self.device, dtype=torch.int64)
-        first.scatter_reduce_(0, labels.long(), torch.arange(B, device=self.device), reduce="amin")
+        first = torch.full((K + 1,), B, device=self.device, dtype=torch.int64)
+        slot = torch.where(labels < 0, K, labels.long())
+        first.scatter_reduce_(0, slot, torch.arange(B, device=self.device), reduce="amin")
+        first = first[:K]
         newly_seen = (self._counts == 0) & (first < B)
         candidates = feats.index_select(0, first.clamp(max=B - 1)).to(self.dtype)
         return torch.where(newly_seen[:, None], candidates, self._shift)
@@ -242,25 +329,25 @@ class ClassStats:
         """Q with its lower block triangle filled in from the upper one."""
         return fill_lower(self._gram)
 
-    def _nc4_batch(self, feats: Tensor) -> Tensor:
+    def _nc4_batch(self, feats: Tensor, skip: Tensor | None) -> Tensor:
         # One GEMM against [W; means], then one fused pass: argmax of the logits (+ bias) vs
         # argmin_k ||x - mu_k||^2 = argmin_k (||mu_k||^2 - 2 x . mu_k), counted on the device.
         stacked, bias, sq_norms = self._nc4
         scores = feats.to(self.dtype) @ stacked.T
-        return torch.ops.ncfast.nc4_mismatches(scores, bias, sq_norms)
+        return torch.ops.ncfast.nc4_mismatches(scores, bias, sq_norms, skip)
 
     # ---- read-out (the protocol of ncfast.metrics)
 
     @property
     def counts(self) -> Tensor:
         """(K,) int64 samples per class."""
-        self._flush()
+        self._settle()
         return self._counts
 
     @property
     def total(self) -> Tensor:
         """N, the number of samples seen (0-dim int64 tensor)."""
-        self._flush()
+        self._settle()
         return self._counts.sum()
 
     def _present(self) -> Tensor:
@@ -269,13 +356,13 @@ class ClassStats:
     @property
     def means(self) -> Tensor:
         """(K, d) class means mu_k; rows of classes with no sample are zero."""
-        self._flush()
+        self._settle()
         n = self._counts.clamp(min=1).to(self.dtype)[:, None]
         return torch.where(self._present()[:, None], self._shift + self._sums / n, 0)
 
     def _centred(self) -> tuple[Tensor, Tensor, Tensor]:
         """(mu, M2, per-class sum ||h - mu_k||^2) in float64."""
-        self._flush()
+        self._settle()
         n = self._counts.clamp(min=1).double()
         s = self._sums.double() * self._present()[:, None]
         mu = torch.where(self._present()[:, None], self._shift.double() + s / n[:, None], 0)
@@ -305,12 +392,12 @@ class ClassStats:
 
     @property
     def nc4_mismatches(self) -> Tensor | None:
-        self._flush()
+        self._settle()
         return self._nc4_mismatches if self._nc4 is not None else None
 
     @property
     def nc4_total(self) -> Tensor | None:
-        self._flush()
+        self._settle()
         return self._nc4_total if self._nc4 is not None else None
 
     # ---- combining
@@ -386,7 +473,7 @@ class ClassStats:
 
     def state_dict(self) -> dict:
         """Tensors and metadata; ``load_state_dict`` restores them exactly."""
-        self._flush()
+        self._settle()
         return {
             "version": STATE_VERSION, "num_classes": self.num_classes, "dim": self.dim,
             "counts": self._counts.clone(), "shift": self._shift.clone(),
@@ -407,10 +494,12 @@ class ClassStats:
         self._sq = state["sq"].to(**to).clone()
         self._gram = state["gram"].to(**to).clone()
         self._all_seen = False
-        self._pending = 0
+        self._pending, self._staged_batches = 0, []
+        self._rejected.zero_()
         self._nc4_mismatches = state["nc4_mismatches"].to(self.device).clone()
         self._nc4_total = state["nc4_total"].to(self.device).clone()
 
     def __repr__(self) -> str:
         return (f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, "
-                f"dtype={self.dtype}, device={self.device}, samples={int(self.total)})")
+                f"dtype={self.dtype}, device={self.device}, "
+                f"samples={int(self._counts.sum()) + self._pending})")  # no read: never raises

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 import ncfast
 from ncfast import metrics, reference
+from ncfast.stats import NonFiniteFeaturesError
 
 
 def mixture(K, d, n_per_class, sigma, seed=0, dtype=torch.float32, unbalanced=False):
@@ -163,7 +164,8 @@ def _assert_same_state(a, b):
 ])
 def test_bad_update_is_rejected_and_state_unchanged(device, case, exc, message):
     feats, labels = mixture(4, 3, 5, 0.1)
-    stats = stream(feats, labels, 4, 6, device=device)
+    # The default on CPU; on CUDA the default defers the value checks (tested below).
+    stats = stream(feats, labels, 4, 6, device=device, check_inputs="immediate")
     before = _snapshot(stats)
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 3])
     if case == "label-too-large":
@@ -187,6 +189,60 @@ def test_bad_update_is_rejected_and_state_unchanged(device, case, exc, message):
     _assert_same_state(before, _snapshot(stats))
 
 
+def _bad_batch(case, B=5, d=3, K=4):
+    gen = torch.Generator().manual_seed(11)
+    x, y = torch.randn(B, d, generator=gen), torch.randint(0, K, (B,), generator=gen)
+    if case == "label":
+        y[1] = K
+    elif case == "nan":
+        x[2, 0] = float("nan")
+    elif case == "huge":
+        x[3, 1] = 1e30  # finite, but its square overflows float32
+    return x, y
+
+
+@pytest.mark.parametrize("buffer_rows", [8, 64, 4], ids=["flush-per-batch", "one-flush",
+                                                         "unstaged"])
+@pytest.mark.parametrize("case,exc,message", [
+    ("label", ValueError, r"labels must be in \[0, 4\), got 4 in row 1"),
+    ("nan", NonFiniteFeaturesError, r"features must be finite, got a NaN or Inf in row 2"),
+    ("huge", NonFiniteFeaturesError, r"features are too large for torch.float32 statistics: "
+                                     r"max \|h\| = 1e\+30 > .* in row 3"),
+])
+def test_deferred_checks_leave_bad_batches_out_and_report_at_the_next_read(
+        device, buffer_rows, case, exc, message):
+    feats, labels = mixture(4, 3, 10, 0.1)
+    opts = dict(device=device, buffer_rows=buffer_rows, nc4_weight=torch.randn(4, 3),
+                nc4_means=torch.randn(4, 3))
+    good = ncfast.ClassStats(4, 3, check_inputs=False, **opts)
+    deferred = ncfast.ClassStats(4, 3, check_inputs="deferred", **opts)
+    for i in range(0, 40, 6):
+        if i in (24, 30):  # batches 5 and 7 of the deferred accumulator are bad
+            deferred.update(*(t.to(device) for t in _bad_batch(case)))  # no error, no sync
+        x, y = feats[i:i + 6].to(device), labels[i:i + 6].to(device)
+        good.update(x, y)
+        deferred.update(x, y)
+    with pytest.raises(exc, match=r"batch 5 \(counted from the last reset\) was left out of "
+                                  r"the statistics \(1 later bad batches too\): " + message):
+        deferred.sigma_w()
+    # Reported once; the state is that of the good batches alone, NC4 counts included.
+    for name in ("counts", "nc4_total", "nc4_mismatches"):
+        assert torch.equal(getattr(deferred, name), getattr(good, name)), name
+    assert_close(deferred.sigma_w(), good.sigma_w(), rtol=1e-6, atol=1e-6)
+    assert_close(deferred.means, good.means, rtol=1e-6, atol=1e-6)
+
+
+def test_deferred_check_failure_reaches_merge_and_state_dict(device):
+    feats, labels = mixture(4, 3, 5, 0.1)
+    for read in (lambda s: s.state_dict(), lambda s: s.counts,
+                 lambda s: ncfast.ClassStats(4, 3, device=device).merge(s)):
+        stats = stream(feats, labels, 4, 6, device=device, check_inputs="deferred")
+        stats.update(*(t.to(device) for t in _bad_batch("label")))
+        with pytest.raises(ValueError, match="batch 5 "):
+            read(stats)
+        assert int(stats.total) == 20
+
+
 def test_merge_and_load_reject_mismatches_without_changing_state():
     stats = stream(*mixture(4, 3, 5, 0.1), 4, 6)
     before = _snapshot(stats)
@@ -203,6 +259,9 @@ def test_merge_and_load_reject_mismatches_without_changing_state():
 def test_constructor_errors():
     with pytest.raises(ValueError, match="num_classes must be an int >= 1, got 0"):
         ncfast.ClassStats(0, 3)
+    with pytest.raises(ValueError, match="check_inputs must be True, False, 'immediate' or "
+                                         "'deferred', got 'later'"):
+        ncfast.ClassStats(3, 3, check_inputs="later")
     with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
         ncfast.ClassStats(3, 3, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"nc4_weight must have shape \[3, 4\], got \[4, 3\]"):
@@ -214,6 +273,21 @@ def test_class_moments_opcheck(device):
     shift = torch.randn(3, 5)
     torch.library.opcheck(torch.ops.ncfast.class_moments.default,
                           (feats.to(device), labels.to(device), shift.to(device)))
+
+
+def test_class_moments_skips_negative_labels(device):
+    feats, labels = mixture(3, 5, 4, 0.5, dtype=torch.float64)
+    shift = torch.randn(3, 5, dtype=torch.float64)
+    skipped = labels.clone()
+    skipped[::3] = -1
+    kept = skipped >= 0
+    got = torch.ops.ncfast.class_moments(feats.to(device), skipped.to(device), shift.to(device))
+    want = torch.ops.ncfast.class_moments(feats[kept], labels[kept], shift)
+    for g, w in zip(got[:3], want[:3]):
+        assert_close(g.cpu(), w)
+    assert torch.equal(got[3][~kept.to(device)], torch.zeros(int((~kept).sum()), 5,
+                                                             dtype=torch.float64, device=device))
+    assert_close(got[3][kept.to(device)].cpu(), want[3])
 
 
 def _gloo_worker(rank, world, init_file, feats, labels, out):
@@ -262,6 +336,10 @@ def test_nc4_kernel_matches_argmax_argmin(device, with_bias):
 
     got = torch.ops.ncfast.nc4_mismatches(to(scores), None if bias is None else to(bias), to(sq))
     assert got.item() == expected and 0 < expected < B
+    skip = torch.rand(B, generator=gen) < 0.3
+    got = torch.ops.ncfast.nc4_mismatches(to(scores), None if bias is None else to(bias), to(sq),
+                                          to(skip))
+    assert got.item() == (logits.argmax(1) != nearest)[~skip].sum().item()
     torch.library.opcheck(torch.ops.ncfast.nc4_mismatches.default,
                           (to(scores), None if bias is None else to(bias), to(sq)))
 

@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
       acc_t* sq_total = sq.mutable_data_ptr<acc_t>();
       int64_t* n = counts.mutable_data_ptr<int64_t>();
       for (int64_t i = 0; i < B; ++i) {
-        ++n[y[i]];
+        if (y[i] >= 0) ++n[y[i]];
       }
       // Threads own contiguous row blocks (streaming reads and writes); each block but the
       // first accumulates into its own (K, d) partial sums, added up at the end. Column blocks
@@ -60,9 +60,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
           acc_t* sq_b = b == 0 ? sq_total : partial_sq.mutable_data_ptr<acc_t>() + (b - 1) * K;
           for (int64_t i = B * b / blocks; i < B * (b + 1) / blocks; ++i) {
             const int64_t k = y[i];
+            acc_t* oi = out + i * d;
+            if (k < 0) {  // a skipped row: adds nothing to the Gram product either
+              std::fill(oi, oi + d, acc_t(0));
+              continue;
+            }
             const scalar_t* xi = x + i * d;
             const acc_t* ck = c + k * d;
-            acc_t* oi = out + i * d;
             acc_t* sk = sum_b + k * d;
             acc_t q = 0;
             // Rows never overlap the sums they update; simd makes the loop vectorise despite
@@ -88,11 +92,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
 }
 
 at::Tensor nc4_mismatches_cpu(const at::Tensor& scores_in, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& sq_norms_in) {
-  check_nc4_args(scores_in, bias, sq_norms_in);
+                              const at::Tensor& sq_norms_in,
+                              const std::optional<at::Tensor>& skip_in) {
+  check_nc4_args(scores_in, bias, sq_norms_in, skip_in);
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor sq_norms = sq_norms_in.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros_like(sq_norms);
+  const at::Tensor skip = skip_in.has_value() ? skip_in->contiguous() : at::Tensor();
+  const bool* skipped = skip.defined() ? skip.const_data_ptr<bool>() : nullptr;
   const int64_t B = scores.size(0), K = sq_norms.size(0);
   int64_t mismatches = 0;
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "nc4_mismatches_cpu", [&] {
@@ -103,6 +110,7 @@ at::Tensor nc4_mismatches_cpu(const at::Tensor& scores_in, const std::optional<a
     at::parallel_for(0, B, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
       int64_t local = 0;
       for (int64_t i = begin; i < end; ++i) {
+        if (skipped != nullptr && skipped[i]) continue;
         const scalar_t* row = s + i * 2 * K;
         int64_t pred = 0, nearest = 0;
         scalar_t best_logit = row[0] + bb[0], best_dist = q[0] - 2 * row[K];

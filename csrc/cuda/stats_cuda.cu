@@ -28,9 +28,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t partial[kThreads / 32];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
     const int64_t k = y[i];
+    acc_t* oi = shifted + i * d;
+    if (k < 0) {  // a skipped row (the whole block takes this branch: one row per block)
+      for (int64_t j = threadIdx.x; j < d; j += kThreads) oi[j] = 0;
+      continue;
+    }
     const scalar_t* xi = x + i * d;
     const acc_t* ck = shift + k * d;
-    acc_t* oi = shifted + i * d;
     acc_t* sk = sums + k * d;
     acc_t q = 0;
     for (int64_t j = threadIdx.x; j < d; j += kThreads) {
@@ -88,12 +92,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     nc4_mismatches_kernel(const scalar_t* __restrict__ scores, const scalar_t* __restrict__ bias,
-                          const scalar_t* __restrict__ sq_norms,
+                          const scalar_t* __restrict__ sq_norms, const bool* __restrict__ skip,
                           unsigned long long* __restrict__ count, int64_t B, int64_t K) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; i < B;
        i += warps) {
+    if (skip != nullptr && skip[i]) continue;  // the whole warp: one row per warp
     const scalar_t* row = scores + i * 2 * K;
     scalar_t best_logit = -INFINITY, best_dist = INFINITY;
     int64_t pred = K, nearest = K;
@@ -120,13 +125,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor nc4_mismatches_cuda(const at::Tensor& scores_in, const std::optional<at::Tensor>& bias,
-                               const at::Tensor& sq_norms_in) {
-  check_nc4_args(scores_in, bias, sq_norms_in);
+                               const at::Tensor& sq_norms_in,
+                               const std::optional<at::Tensor>& skip_in) {
+  check_nc4_args(scores_in, bias, sq_norms_in, skip_in);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor sq_norms = sq_norms_in.contiguous();
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const at::Tensor skip = skip_in.has_value() ? skip_in->contiguous() : at::Tensor();
   const int64_t B = scores.size(0), K = sq_norms.size(0);
   at::Tensor count = at::zeros({}, scores.options().dtype(at::kLong));
   if (B == 0) {
@@ -138,7 +145,7 @@ at::Tensor nc4_mismatches_cuda(const at::Tensor& scores_in, const std::optional<
     nc4_mismatches_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         scores.const_data_ptr<scalar_t>(),
         b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr,
-        sq_norms.const_data_ptr<scalar_t>(),
+        sq_norms.const_data_ptr<scalar_t>(), skip.defined() ? skip.const_data_ptr<bool>() : nullptr,
         reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()), B, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -20,6 +20,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> new_class_moments(
 
 // Checks of ncfast::nc4_mismatches.
 void check_nc4_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
-                    const at::Tensor& sq_norms);
+                    const at::Tensor& sq_norms, const std::optional<at::Tensor>& skip);
 
 }  // namespace ncfast
