@@ -24,7 +24,8 @@ CASES = {
     "cpu": [("resnet18", 64, 32), ("resnet50", 64, 16)],
 }
 QUICK_CASES = {"cuda": [("resnet18", 224, 256)], "cpu": [("resnet18", 32, 16)]}
-# NC tracking: measure() over this many batches (two sweeps with NC4, eval mode, no_grad),
+# NC tracking: measure() over this many batches (NC4's second sweep over the cached features,
+# eval mode, no_grad),
 # against training on the same number of samples.
 TRACK_BATCHES = 8
 TRACK_EVERY, TEST_FRACTION = 10, 0.2  # the default cadence, a test set 1/5 of the train set
@@ -143,8 +144,9 @@ def main(argv=None) -> None:
                                        "on one-hot targets in float64."),
         harness.markdown_table(track_rows, list(track_rows[0]),
                                caption=f"NC tracking: `ncfast.measure` (eval mode, no_grad, "
-                                       f"float32, two sweeps for NC4) per sample against a "
-                                       f"training step per sample (ncfast loss). **overhead**: "
+                                       f"float32, NC4's second sweep over the cached "
+                                       f"features) per sample against a training step per "
+                                       f"sample (ncfast loss). **overhead**: "
                                        f"measure/train x (1 + {TEST_FRACTION:g} for a test set) / "
                                        f"{TRACK_EVERY}, the share of training time at the "
                                        f"default cadence."),

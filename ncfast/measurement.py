@@ -52,6 +52,7 @@ def measure(
     group=None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     undefined: str = "raise",
+    cache_bytes: int = 2**30,
 ) -> Measurement:
     """Measure neural collapse of ``model`` over ``loader`` (batches ``(inputs, labels)``).
 
@@ -62,6 +63,9 @@ def measure(
 
     With ``nc4=True`` the data are swept twice: NC4 compares each sample's nearest class mean
     (means from the complete first sweep, across all ranks) with the classifier's prediction.
+    The first sweep keeps its features on ``device`` while they take at most ``cache_bytes``
+    (per process; default 1 GiB), and the second then reuses them instead of running the model
+    again; larger data sets run the model twice.
     Under torch.distributed each rank passes its own shard (e.g. a DistributedSampler); the
     statistics, accuracy and NC4 counts are combined exactly and every rank gets the result.
     With ``loss_fn(logits, labels)`` (a batch mean) the result also holds the mean loss over
@@ -86,7 +90,13 @@ def measure(
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise ValueError(f"ncfast.measure: cache_bytes must be an int >= 0, got {cache_bytes!r}")
+    cache: list[tuple[Tensor, Tensor]] | None = [] if nc4 and cache_bytes > 0 else None
+    cached_bytes = 0
+
     def sweep(stats: ClassStats, with_loss: bool) -> tuple[Tensor, Tensor]:
+        nonlocal cache, cached_bytes
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = torch.zeros((), dtype=torch.int64, device=device)
         for inputs, labels in loader:
@@ -96,7 +106,14 @@ def measure(
                 raise RuntimeError(f"ncfast.measure: the classifier ran {len(captured)} times "
                                    f"in one forward pass; pass classifier=<the final layer>")
             labels = labels.to(device, non_blocking=True)
-            stats.update(captured[0].to(device), labels)
+            features = captured[0].to(device)
+            stats.update(features, labels)
+            if cache is not None:  # fresh activations of this forward: safe to keep
+                cached_bytes += features.numel() * features.element_size()
+                if cached_bytes <= cache_bytes:
+                    cache.append((features, labels))
+                else:  # too large: the NC4 sweep runs the model again
+                    cache = None
             correct += (logits.argmax(1).to(device) == labels).sum()
             seen += labels.numel()
             if with_loss:
@@ -114,7 +131,12 @@ def measure(
                 first_means = stats.means
                 stats = ClassStats(K, d, device=device, dtype=dtype, nc4_weight=weight,
                                    nc4_bias=bias, nc4_means=first_means)
-                sweep(stats, False)
+                if cache is not None:
+                    for features, labels in cache:
+                        stats.update(features, labels)
+                    cache = None
+                else:
+                    sweep(stats, False)
                 if distributed:
                     stats.all_reduce(group)
             if distributed:

@@ -43,6 +43,26 @@ def test_measure_matches_reference_on_hooked_features():
     assert len(model[5]._forward_pre_hooks) == 0
 
 
+@pytest.mark.parametrize("cache_bytes,forwards", [(2**30, 1), (600, 2), (0, 2)],
+                         ids=["cached", "cache-overflows", "no-cache"])
+def test_nc4_sweep_reuses_cached_features_within_the_budget(cache_bytes, forwards):
+    model, inputs, labels = make_model_and_data()  # 120 x 5 float64 features: 4800 bytes
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append(1))
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=17)
+    result = ncfast.measure(model, loader, dtype=torch.float64, cache_bytes=cache_bytes)
+    assert len(calls) == forwards * len(loader)
+    reference_run = ncfast.measure(model, loader, dtype=torch.float64, cache_bytes=0)
+    assert result.metrics.as_dict() == reference_run.metrics.as_dict()
+    assert result.stats.nc4_total.item() == len(labels)
+
+
+def test_measure_rejects_a_bad_cache_budget():
+    model, inputs, labels = make_model_and_data()
+    with pytest.raises(ValueError, match="cache_bytes must be an int >= 0, got -1"):
+        ncfast.measure(model, [(inputs, labels)], cache_bytes=-1)
+
+
 def test_measure_reports_empty_classes_by_name():
     model, inputs, labels = make_model_and_data(K=5)
     keep = labels != 2

@@ -83,7 +83,7 @@ class ScheduleConfig:
 class TrackConfig:
     every: int = 10  # NC tracking every N epochs, always at epoch 0 and at the last epoch
     test: bool = True  # also measure the test set
-    nc4: bool = True  # NC4 needs a second sweep over each measured set
+    nc4: bool = True  # NC4 needs a second sweep (of the model, if the features exceed 1 GiB)
 
 
 @dataclass
