@@ -14,19 +14,20 @@ MIN_BLOCK = 128
 MAX_BLOCKS = 4
 
 
-def upper_blocks(dim: int) -> list[tuple[int, int]]:
+def upper_blocks(dim: int, max_blocks: int = MAX_BLOCKS) -> list[tuple[int, int]]:
     """[(start, stop), ...] column blocks of a dim x dim Gram matrix."""
-    n = max(1, min(MAX_BLOCKS, dim // MIN_BLOCK))
+    n = max(1, min(max_blocks, dim // MIN_BLOCK))
     edges = [round(i * dim / n) for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
-def symmetric_gram(a: Tensor, product: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def symmetric_gram(a: Tensor, product: Callable[[Tensor, Tensor], Tensor],
+                   max_blocks: int = MAX_BLOCKS) -> Tensor:
     """a^T a, (d, d), from the products ``product(x, y) = x @ y`` of the upper block triangle;
     the lower triangle is filled in by transposed copies."""
     d = a.shape[1]
     out = None
-    for start, stop in upper_blocks(d):
+    for start, stop in upper_blocks(d, max_blocks):
         part = product(a[:, start:stop].T, a[:, start:])  # rows start:stop, columns start:
         if out is None:
             out = part.new_empty(d, d)
