@@ -24,6 +24,11 @@ TORCH_LIBRARY(ncfast, m) {
   m.def(
       "class_moments(Tensor features, Tensor labels, Tensor shift) -> "
       "(Tensor counts, Tensor sums, Tensor sq, Tensor shifted)");
+  // The same, shifting the rows of features in place (contiguous, of shift's dtype): no new
+  // (B, d) tensor, whose first touch costs more than the pass itself on a CPU.
+  m.def(
+      "class_moments_(Tensor(a!) features, Tensor labels, Tensor shift) -> "
+      "(Tensor counts, Tensor sums, Tensor sq)");
   // NC4 (theory.md 5.6), after one GEMM of a batch against [W; means] (scores, B x 2K): counts
   // rows whose classifier prediction argmax_k (scores[:, k] + bias_k) differs from the nearest
   // class mean argmin_k (sq_norms_k - 2 scores[:, K + k]); rows where the optional bool mask

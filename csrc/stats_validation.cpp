@@ -32,6 +32,14 @@ void check_class_moments_args(const at::Tensor& features, const at::Tensor& labe
                     cat(op, ": features, labels and the state must be on one device"));
 }
 
+void check_class_moments_inplace_args(const at::Tensor& features, const at::Tensor& shift) {
+  constexpr const char* op = "ncfast.ClassStats.update";
+  TORCH_CHECK_TYPE(features.scalar_type() == shift.scalar_type(), cat(op,
+                   ": shifting in place needs features of the state dtype"));
+  TORCH_CHECK_VALUE(features.is_contiguous(), cat(op,
+                    ": shifting in place needs contiguous features"));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> new_class_moments(
     int64_t B, const at::Tensor& shift) {
   const int64_t K = shift.size(0), d = shift.size(1);

@@ -325,6 +325,12 @@ def _class_moments_fake(features, labels, shift):
             shift.new_empty(features.shape[0], d))
 
 
+@torch.library.register_fake("ncfast::class_moments_")
+def _class_moments_inplace_fake(features, labels, shift):
+    counts, sums, sq, _ = _class_moments_fake(features, labels, shift)
+    return counts, sums, sq
+
+
 @torch.library.register_fake("ncfast::nc4_mismatches")
 def _nc4_mismatches_fake(scores, bias, sq_norms, skip=None):
     if scores.dim() != 2 or sq_norms.dim() != 1 or scores.shape[1] != 2 * sq_norms.shape[0]:

@@ -232,7 +232,7 @@ class ClassStats:
         if self._pending:
             rows, self._pending = self._pending, 0
             batches, self._staged_batches = self._staged_batches, []
-            self._add(self._staged_x[:rows], self._staged_y[:rows], batches)
+            self._add(self._staged_x[:rows], self._staged_y[:rows], batches, scratch=True)
 
     def _settle(self) -> None:
         """Before any read: fold the staged rows in, then report batches that deferred checks
@@ -287,7 +287,11 @@ class ClassStats:
         self._rejected[0] = total
         return skip
 
-    def _add(self, feats: Tensor, labels: Tensor, batches: list[tuple[int, int]]) -> None:
+    def _add(self, feats: Tensor, labels: Tensor, batches: list[tuple[int, int]],
+             scratch: bool = False) -> None:
+        """Fold rows into the state; ``scratch``: feats is the staging buffer, free to be
+        shifted in place. That matters on a CPU only, where a fresh (B, d) tensor costs more in
+        page faults than the pass itself; CUDA's caching allocator hands one out for free."""
         K = self.num_classes
         skip = self._screen(feats, labels, batches) if self._checks == "deferred" else None
         # The kernel indexes by label: clamped labels keep it in bounds whatever the input
@@ -296,15 +300,19 @@ class ClassStats:
         if skip is not None:
             safe_labels = torch.where(skip, -1, safe_labels)
         shift = self._shift if self._all_seen else self._new_shift(feats, safe_labels)
-        counts, sums, sq, shifted = torch.ops.ncfast.class_moments(feats, safe_labels, shift)
+        if self._nc4 is not None:  # before the rows may be shifted in place
+            self._nc4_mismatches += self._nc4_batch(feats, skip)
+            self._nc4_total += feats.shape[0] if skip is None else (~skip).sum()
+        if scratch and self.device.type == "cpu":
+            counts, sums, sq = torch.ops.ncfast.class_moments_(feats, safe_labels, shift)
+            shifted = feats
+        else:
+            counts, sums, sq, shifted = torch.ops.ncfast.class_moments(feats, safe_labels, shift)
         self._shift = shift
         self._counts += counts
         self._sums += sums
         self._sq += sq
         self._accumulate_gram(shifted)
-        if self._nc4 is not None:
-            self._nc4_mismatches += self._nc4_batch(feats, skip)
-            self._nc4_total += feats.shape[0] if skip is None else (~skip).sum()
         if self.device.type == "cpu" and not self._all_seen:  # a free read on the CPU only
             self._all_seen = bool(self._counts.all())
 

@@ -273,6 +273,23 @@ def test_class_moments_opcheck(device):
     shift = torch.randn(3, 5)
     torch.library.opcheck(torch.ops.ncfast.class_moments.default,
                           (feats.to(device), labels.to(device), shift.to(device)))
+    torch.library.opcheck(torch.ops.ncfast.class_moments_.default,
+                          (feats.to(device), labels.to(device), shift.to(device)))
+
+
+def test_class_moments_in_place_equals_the_functional_op(device):
+    feats, labels = mixture(3, 5, 40, 0.5, dtype=torch.float64)
+    feats, labels, shift = feats.to(device), labels.to(device), torch.randn(3, 5).double().to(
+        device)
+    expected = torch.ops.ncfast.class_moments(feats, labels, shift)
+    shifted = feats.clone()
+    got = torch.ops.ncfast.class_moments_(shifted, labels, shift)
+    for g, e in zip((*got, shifted), expected):
+        assert torch.equal(g, e)
+    with pytest.raises(TypeError, match="shifting in place needs features of the state dtype"):
+        torch.ops.ncfast.class_moments_(feats.bfloat16(), labels, shift.float())
+    with pytest.raises(ValueError, match="shifting in place needs contiguous features"):
+        torch.ops.ncfast.class_moments_(feats.T.contiguous().T, labels, shift)
 
 
 def test_class_moments_skips_negative_labels(device):

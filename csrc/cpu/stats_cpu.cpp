@@ -19,22 +19,20 @@
 namespace ncfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
-    const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& shift_in) {
-  check_class_moments_args(features_in, labels_in, shift_in);
-  const at::Tensor features = features_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor shift = shift_in.contiguous();
+// Writes the shifted rows into `shifted` (which may be `features` itself: each element is read
+// before it is written, by the same iteration) and accumulates counts, sums and sq.
+void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
+                        const at::Tensor& shift, const at::Tensor& shifted,
+                        const at::Tensor& counts, const at::Tensor& sums, const at::Tensor& sq) {
   const int64_t B = features.size(0), d = features.size(1), K = shift.size(0);
-  auto [counts, sums, sq, shifted] = new_class_moments(B, shift);
   if (B == 0 || d == 0) {
-    return {counts, sums, sq, shifted};
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "class_moments_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "class_moments_cpu", [&] {
-      const scalar_t* x = features.const_data_ptr<scalar_t>();
+      const scalar_t* x = features.const_data_ptr<scalar_t>();  // may alias out
       const index_t* y = labels.const_data_ptr<index_t>();
       const acc_t* c = shift.const_data_ptr<acc_t>();
       acc_t* out = shifted.mutable_data_ptr<acc_t>();
@@ -88,7 +86,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(
+    const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& shift_in) {
+  check_class_moments_args(features_in, labels_in, shift_in);
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  auto [counts, sums, sq, shifted] = new_class_moments(features.size(0), shift);
+  class_moments_into(features, labels_in.contiguous(), shift, shifted, counts, sums, sq);
   return {counts, sums, sq, shifted};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_inplace_cpu(
+    at::Tensor& features, const at::Tensor& labels, const at::Tensor& shift_in) {
+  check_class_moments_args(features, labels, shift_in);
+  check_class_moments_inplace_args(features, shift_in);
+  const at::Tensor shift = shift_in.contiguous();
+  auto [counts, sums, sq, unused] = new_class_moments(0, shift);
+  class_moments_into(features, labels.contiguous(), shift, features, counts, sums, sq);
+  return {counts, sums, sq};
 }
 
 at::Tensor nc4_mismatches_cpu(const at::Tensor& scores_in, const std::optional<at::Tensor>& bias,
@@ -133,5 +150,6 @@ at::Tensor nc4_mismatches_cpu(const at::Tensor& scores_in, const std::optional<a
 
 TORCH_LIBRARY_IMPL(ncfast, CPU, m) {
   m.impl("class_moments", &ncfast::class_moments_cpu);
+  m.impl("class_moments_", &ncfast::class_moments_inplace_cpu);
   m.impl("nc4_mismatches", &ncfast::nc4_mismatches_cpu);
 }

@@ -21,8 +21,8 @@ constexpr int kThreads = 256;
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    class_moments_kernel(const scalar_t* __restrict__ x, const index_t* __restrict__ y,
-                         const acc_t* __restrict__ shift, acc_t* __restrict__ shifted,
+    class_moments_kernel(const scalar_t* x, const index_t* __restrict__ y,
+                         const acc_t* __restrict__ shift, acc_t* shifted,  // may alias x
                          acc_t* __restrict__ sums, acc_t* __restrict__ sq,
                          unsigned long long* __restrict__ counts, int64_t B, int64_t d) {
   __shared__ acc_t partial[kThreads / 32];
@@ -58,17 +58,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(
-    const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& shift_in) {
-  check_class_moments_args(features_in, labels_in, shift_in);
-  const c10::cuda::CUDAGuard guard(features_in.device());
-  const at::Tensor features = features_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor shift = shift_in.contiguous();
+// Writes the shifted rows into `shifted` (which may be `features` itself: each element is read
+// and then written by the same thread) and accumulates counts, sums and sq.
+void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
+                        const at::Tensor& shift, const at::Tensor& shifted,
+                        const at::Tensor& counts, const at::Tensor& sums, const at::Tensor& sq) {
   const int64_t B = features.size(0), d = features.size(1);
-  auto [counts, sums, sq, shifted] = new_class_moments(B, shift);
   if (B == 0 || d == 0) {
-    return {counts, sums, sq, shifted};
+    return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(B, 65535));
@@ -84,7 +81,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(
+    const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& shift_in) {
+  check_class_moments_args(features_in, labels_in, shift_in);
+  const c10::cuda::CUDAGuard guard(features_in.device());
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  auto [counts, sums, sq, shifted] = new_class_moments(features.size(0), shift);
+  class_moments_into(features, labels_in.contiguous(), shift, shifted, counts, sums, sq);
   return {counts, sums, sq, shifted};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_inplace_cuda(
+    at::Tensor& features, const at::Tensor& labels, const at::Tensor& shift_in) {
+  check_class_moments_args(features, labels, shift_in);
+  check_class_moments_inplace_args(features, shift_in);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor shift = shift_in.contiguous();
+  auto [counts, sums, sq, unused] = new_class_moments(0, shift);
+  class_moments_into(features, labels.contiguous(), shift, features, counts, sums, sq);
+  return {counts, sums, sq};
 }
 
 // One warp per row: each lane scans a strided slice of the classes, then the warp reduces
@@ -157,5 +175,6 @@ at::Tensor nc4_mismatches_cuda(const at::Tensor& scores_in, const std::optional<
 
 TORCH_LIBRARY_IMPL(ncfast, CUDA, m) {
   m.impl("class_moments", &ncfast::class_moments_cuda);
+  m.impl("class_moments_", &ncfast::class_moments_inplace_cuda);
   m.impl("nc4_mismatches", &ncfast::nc4_mismatches_cuda);
 }

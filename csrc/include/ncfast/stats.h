@@ -13,6 +13,9 @@ namespace ncfast {
 void check_class_moments_args(const at::Tensor& features, const at::Tensor& labels,
                               const at::Tensor& shift);
 
+// The extra rules of ncfast::class_moments_ (in place): features contiguous, of shift's dtype.
+void check_class_moments_inplace_args(const at::Tensor& features, const at::Tensor& shift);
+
 // The outputs of ncfast::class_moments, allocated for a batch of B rows: counts, sums and sq
 // zeroed (kernels accumulate into them), shifted uninitialised (kernels write every entry).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> new_class_moments(
