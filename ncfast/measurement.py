@@ -72,6 +72,8 @@ def measure(
     every sample, from the first sweep. ``undefined`` is passed to
     :func:`ncfast.metrics.all_metrics` ("none": undefined metrics are None, with the reason).
     """
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise ValueError(f"ncfast.measure: cache_bytes must be an int >= 0, got {cache_bytes!r}")
     classifier = classifier if classifier is not None else _final_linear(model)
     if not isinstance(classifier, nn.Linear):
         raise TypeError(f"ncfast.measure: classifier must be an nn.Linear, got "
@@ -90,8 +92,6 @@ def measure(
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-        raise ValueError(f"ncfast.measure: cache_bytes must be an int >= 0, got {cache_bytes!r}")
     cache: list[tuple[Tensor, Tensor]] | None = [] if nc4 and cache_bytes > 0 else None
     cached_bytes = 0
 
@@ -108,10 +108,10 @@ def measure(
             labels = labels.to(device, non_blocking=True)
             features = captured[0].to(device)
             stats.update(features, labels)
-            if cache is not None:  # fresh activations of this forward: safe to keep
+            if cache is not None:
                 cached_bytes += features.numel() * features.element_size()
-                if cached_bytes <= cache_bytes:
-                    cache.append((features, labels))
+                if cached_bytes <= cache_bytes:  # copies: a model or loader may reuse buffers
+                    cache.append((features.clone(), labels.clone()))
                 else:  # too large: the NC4 sweep runs the model again
                     cache = None
             correct += (logits.argmax(1).to(device) == labels).sum()

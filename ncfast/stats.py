@@ -510,4 +510,4 @@ class ClassStats:
     def __repr__(self) -> str:
         return (f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, "
                 f"dtype={self.dtype}, device={self.device}, "
-                f"samples={int(self._counts.sum()) + self._pending})")  # no read: never raises
+                f"samples={int(self._counts.sum()) + self._pending})")  # no _settle: never raises

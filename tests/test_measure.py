@@ -59,8 +59,10 @@ def test_nc4_sweep_reuses_cached_features_within_the_budget(cache_bytes, forward
 
 def test_measure_rejects_a_bad_cache_budget():
     model, inputs, labels = make_model_and_data()
+    model.train()
     with pytest.raises(ValueError, match="cache_bytes must be an int >= 0, got -1"):
         ncfast.measure(model, [(inputs, labels)], cache_bytes=-1)
+    assert model.training and len(model[5]._forward_pre_hooks) == 0
 
 
 def test_measure_reports_empty_classes_by_name():
