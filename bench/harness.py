@@ -86,6 +86,12 @@ def environment(device: str, extra: Mapping[str, str] | None = None) -> dict[str
     return env
 
 
+def close_environment(env: dict, others: "OtherCpuUse") -> None:
+    """The environment block's end-of-run lines: the load and other processes' CPU use."""
+    env["load average at end (1/5/15 min)"] = load_average()
+    env["CPU used by other processes during the run"] = others.report()
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 

@@ -268,8 +268,7 @@ def main(argv=None) -> None:
             gate_rows.append(g)
             print(f"done: K={K} d={d} N={K * n} {label}", file=sys.stderr, flush=True)
 
-    env["load average at end (1/5/15 min)"] = harness.load_average()
-    env["CPU used by other processes during the run"] = others.report()
+    harness.close_environment(env, others)
     sections = [
         harness.markdown_table(format_rows(results), COLUMNS, CAPTION),
         harness.markdown_table(

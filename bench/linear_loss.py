@@ -300,8 +300,7 @@ def main(argv=None) -> None:
             print(f"done: N x d x K = {shape} {harness.DTYPE_NAMES[dtype]}", file=sys.stderr,
                   flush=True)
 
-    env["load average at end (1/5/15 min)"] = harness.load_average()
-    env["CPU used by other processes during the run"] = others.report()
+    harness.close_environment(env, others)
     columns = ["N x d x K", "dtype", "candidate", "time", "vs eager", "vs compiled", "x floor",
                "TFLOP/s", "peak extra memory", "% of eager's", "workspace",
                "workspace % of eager's"]

@@ -190,8 +190,7 @@ def main(argv=None) -> None:
             print(f"done: B={B} K={K} {harness.DTYPE_NAMES[dtype]}", file=sys.stderr,
                   flush=True)
 
-    env["load average at end (1/5/15 min)"] = harness.load_average()
-    env["CPU used by other processes during the run"] = others.report()
+    harness.close_environment(env, others)
     columns = ["B", "K", "dtype", "ncfast", "eager", "compiled", "vs eager", "vs compiled",
                "ncfast GB/s"] + (["% of copy BW", "unchecked", "unchecked % of copy BW"]
                                  if copy else [])

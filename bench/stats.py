@@ -256,8 +256,7 @@ def main(argv=None) -> None:
         gate_rows, ["candidate", "Sigma_W rel. error", "means rel. error"],
         caption="Correctness gate, passed before any timing: relative Frobenius error against "
                 "`ncfast.reference.class_stats` (float64, two-pass) on the same samples."))
-    env["load average at end (1/5/15 min)"] = harness.load_average()
-    env["CPU used by other processes during the run"] = others.report()
+    harness.close_environment(env, others)
     harness.emit(harness.render_results("ncfast class-statistics benchmark", env, sections),
                  args.out)
 

@@ -151,8 +151,7 @@ def main(argv=None) -> None:
                                        f"{TRACK_EVERY}, the share of training time at the "
                                        f"default cadence."),
     ]
-    env["load average at end (1/5/15 min)"] = harness.load_average()
-    env["CPU used by other processes during the run"] = others.report()
+    harness.close_environment(env, others)
     harness.emit(harness.render_results("ncfast training-step benchmark", env, sections),
                  args.out)
 
