@@ -1,38 +1,47 @@
-"""The `ncfast` command: `ncfast train`, `ncfast ufm`, `ncfast info`."""
+"""The `ncfast` command. Each subcommand lives in its own module with a ``main(argv)`` and its
+own argparse parser (so ``ncfast X --help`` is that command's help); add one by adding a row to
+SUBCOMMANDS."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 
-COMMANDS = {
-    "train": "train a classifier and track neural collapse (ncfast train --help)",
-    "info": "versions, build information, kernels per op and device",
-    "ufm": "UFM landscape experiment: GD to the closed form, saddles, curvature vs alpha and M",
+# name: (module whose main(argv) runs it, one line for `ncfast --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("ncfast.train.command",
+              "train a classifier and track neural collapse (NC1-NC4) as it trains"),
+    "ufm": ("ncfast.ufm_experiment",
+            "UFM landscape experiment: GD to the closed form, saddles, curvature vs alpha and M"),
+    "info": ("ncfast.info", "versions, build information, kernels per op and device"),
 }
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    table = "\n".join(f"  {name:<10}{text}" for name, (_, text) in SUBCOMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="ncfast", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fast tooling for neural-collapse research.",
+        epilog=f"commands:\n{table}\n\n`ncfast COMMAND --help` describes a command.")
+    parser.add_argument("--version", action="version", version=f"ncfast {__version__}")
+    parser.add_argument("command", metavar="COMMAND", choices=list(SUBCOMMANDS),
+                        help=f"one of: {', '.join(SUBCOMMANDS)}")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ncfast COMMAND [options]\n\ncommands:")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<8}{text}")
+    parser = _parser()
+    if not argv:
+        parser.print_help()
         return
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        from .train import command
-
-        command.main(rest)
-    elif command == "info":
-        from . import info
-
-        info.main()
-    elif command == "ufm":
-        from . import ufm_experiment
-
-        ufm_experiment.main(rest)
-    else:
-        sys.exit(f"ncfast: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    parsed = parser.parse_args(argv)
+    module, _ = SUBCOMMANDS[parsed.command]
+    importlib.import_module(module).main(parsed.args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""`python -m ncfast.info`: versions, how ncfast was built, which ops have which kernels."""
+"""`ncfast info` (or `python -m ncfast.info`): versions, how ncfast was built, which kernels
+each ncfast op has."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -9,16 +11,24 @@ import torch
 
 import ncfast
 
-OPS = ("rescaled_mse", "rescaled_mse_backward")
-KERNEL_KEYS = ("CPU", "CUDA")
+# Column: dispatch key. "any" is a composite kernel (built from ATen ops: runs on every device);
+# "fake" is the meta implementation torch.compile and opcheck trace with.
+KERNEL_KEYS = {"CPU": "CPU", "CUDA": "CUDA", "any": "CompositeExplicitAutograd",
+               "fake": "Meta", "autograd": "Autograd"}
+
+
+def ops() -> list[str]:
+    """Every op registered in the ncfast namespace (torch.ops.ncfast.*), sorted."""
+    return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("ncfast::"))
 
 
 def kernel_table() -> dict[str, dict[str, bool]]:
-    """{op: {"CPU": bool, "CUDA": bool}}: which dispatch keys have a registered kernel."""
+    """{op: {column: bool}}: which dispatch keys (KERNEL_KEYS) have a kernel for each op."""
     return {
-        op: {key: torch._C._dispatch_has_kernel_for_dispatch_key(f"ncfast::{op}", key)
-             for key in KERNEL_KEYS}
-        for op in OPS
+        op: {column: torch._C._dispatch_has_kernel_for_dispatch_key(f"ncfast::{op}", key)
+             for column, key in KERNEL_KEYS.items()}
+        for op in ops()
     }
 
 
@@ -32,10 +42,10 @@ def report() -> str:
         f"CUDA kernels: {'compiled' if info['cuda'] else 'not compiled'}"
         + (f" ({info['cuda_compiler']}, arch list {info['cuda_arch_list']})" if info["cuda"] else ""),
         "",
-        f"{'op':<24}" + "".join(f"{k:>6}" for k in KERNEL_KEYS),
+        f"{'op':<30}" + "".join(f"{k:>10}" for k in KERNEL_KEYS),
     ]
     for op, keys in kernel_table().items():
-        lines.append(f"{op:<24}" + "".join(f"{'yes' if v else 'no':>6}" for v in keys.values()))
+        lines.append(f"{op:<30}" + "".join(f"{'yes' if v else 'no':>10}" for v in keys.values()))
     lines.append("")
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -45,7 +55,12 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="ncfast info",
+        description="Print the versions of Python, torch and ncfast, how the extension was "
+                    "built, which kernels each ncfast op has (CPU, CUDA, any device, fake, "
+                    "autograd) and whether a GPU is visible.").parse_args(argv)
     print(report())
 
 

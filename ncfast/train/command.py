@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CONFIG, CheckpointError
-from .config import ConfigError, all_keys, list_presets, load
+from .config import ConfigError, dump, key_infos, list_presets, load
+
+
+def keys_table() -> str:
+    """Every config key, one per line: key, type, default, help."""
+    rows = [(i.key, i.type, repr(i.default), i.help) for i in key_infos()]
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    return "\n".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {h}"
+                     for k, t, d, h in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="replace an existing runs/<name>")
     parser.add_argument("--data-dir", help="where the data set lives (the same as data.dir=...)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    parser.add_argument("--list-keys", action="store_true", help="list every config key")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="list every config key with its type, default and help, and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, after --config and the "
+                             "overrides) and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # flags may sit between the overrides
     if args.list_presets:
@@ -35,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<28}{about}")
         return
     if args.list_keys:
-        print("\n".join(all_keys()))
+        print(keys_table())
         return
     from .loop import TrainingDiverged, run
 
@@ -49,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
             saved = Path(named.runs_dir) / named.name / CONFIG
             config = str(saved) if saved.is_file() else None
         cfg = load(config, overrides)
+        if args.print_config:
+            print(dump(cfg), end="")
+            return
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, TrainingDiverged) as err:
         sys.exit(f"ncfast train: {err}")

@@ -15,75 +15,86 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key, the rule and the value."""
 
 
+def setting(default: Any, help: str):
+    """A config key: its default and the one line ``ncfast train --list-keys`` shows."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    # digits (scikit-learn's bundled 8x8 digits), gaussian (synthetic mixture), mnist,
-    # fashion_mnist, cifar10, cifar100 (torchvision, from dir), imagefolder (dir/train, dir/val)
-    name: str = "digits"
-    dir: str = "data"
-    download: bool = False  # torchvision data sets only; never without this flag
-    num_classes: int = 0  # 0: taken from the data, else must agree (gaussian: K, default 10)
-    batch_size: int = 64  # global: split evenly across processes under torchrun
-    eval_batch_size: int = 1024
-    augment: str = "auto"  # auto (the data set's standard), none, crop_flip, imagenet
-    image_size: int = 0  # imagefolder: crop size (0: 224, mini-ImageNet presets use 84)
-    workers: int = 0
-    pin_memory: bool = True  # on CUDA only
-    persistent_workers: bool = True  # when workers > 0
-    # digits: fraction held out for the test set (stratified, fixed seed)
-    test_fraction: float = 0.2
-    # gaussian mixture
-    gaussian_dim: int = 32
-    gaussian_train_per_class: int = 200
-    gaussian_test_per_class: int = 50
-    gaussian_separation: float = 3.0
+    name: str = setting("digits", "digits (scikit-learn's bundled 8x8), gaussian (synthetic "
+                        "mixture), mnist, fashion_mnist, cifar10, cifar100, imagefolder")
+    dir: str = setting("data", "where the data set lives (imagefolder: dir/train, dir/val)")
+    download: bool = setting(False, "torchvision data sets only; nothing downloads without it")
+    num_classes: int = setting(0, "K; 0: taken from the data, else must agree (gaussian: K, "
+                               "default 10)")
+    batch_size: int = setting(64, "training batch, global: split evenly across processes")
+    eval_batch_size: int = setting(1024, "batch of the NC measurement sweeps")
+    augment: str = setting("auto", "auto (the data set's standard), none, crop_flip, imagenet")
+    image_size: int = setting(0, "imagefolder: crop size (0: 224; mini-ImageNet presets use 84)")
+    workers: int = setting(0, "DataLoader worker processes")
+    pin_memory: bool = setting(True, "pinned host memory for the loaders (on CUDA only)")
+    persistent_workers: bool = setting(True, "keep loader workers alive between epochs "
+                                       "(when workers > 0)")
+    test_fraction: float = setting(0.2, "digits: fraction held out for the test set "
+                                   "(stratified, fixed seed)")
+    gaussian_dim: int = setting(32, "gaussian: input dimension")
+    gaussian_train_per_class: int = setting(200, "gaussian: training samples per class")
+    gaussian_test_per_class: int = setting(50, "gaussian: test samples per class")
+    gaussian_separation: float = setting(3.0, "gaussian: class means ~ N(0, separation^2/dim "
+                                         "per coordinate), unit noise")
 
 
 @dataclass
 class ModelConfig:
-    # mlp, resnet18, resnet34, resnet50, wrn28_10
-    arch: str = "mlp"
-    stem: str = "cifar"  # resnets: cifar (3x3, no max-pool) or imagenet (torchvision's)
-    hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp widths
-    batch_norm: bool = True  # mlp
-    feature_dim: int = 0  # d before the classifier; 0: the architecture's own width
-    fixed_etf: bool = False  # classifier fixed to a simplex ETF (not trained, not decayed)
-    bias: bool = True  # classifier bias
+    arch: str = setting("mlp", "mlp, resnet18, resnet34, resnet50, wrn28_10")
+    stem: str = setting("cifar", "resnets: cifar (3x3, no max-pool) or imagenet (torchvision's)")
+    hidden: list[int] = setting([256, 256], "mlp: hidden layer widths")
+    batch_norm: bool = setting(True, "mlp: BatchNorm after each hidden layer")
+    feature_dim: int = setting(0, "d, the width before the classifier; 0: the architecture's own")
+    fixed_etf: bool = setting(False, "classifier fixed to a simplex ETF (not trained, not "
+                              "decayed)")
+    bias: bool = setting(True, "classifier bias")
 
 
 @dataclass
 class LossConfig:
-    name: str = "mse"  # ce, mse, rescaled_mse
-    k: float = 1.0  # rescaled_mse: weight of the true class (Hui & Belkin's k, alpha)
-    M: float = 1.0  # rescaled_mse: target scale
-    normalize: str = "element"  # mse/rescaled_mse: element (the paper's) or sample
+    name: str = setting("mse", "ce, mse, rescaled_mse")
+    k: float = setting(1.0, "rescaled_mse: weight of the true class (Hui & Belkin's k, alpha)")
+    M: float = setting(1.0, "rescaled_mse: target scale")
+    normalize: str = setting("element", "mse/rescaled_mse: element (the paper's) or sample")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd, adam, adamw, lbfgs
-    lr: float = 0.5  # the digits default (element-normalised MSE has gradients 1/K small)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # coupled L2 on every trainable parameter (adamw: decoupled)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    lbfgs_history: int = 10
-    lbfgs_max_iter: int = 20
+    name: str = setting("sgd", "sgd, adam, adamw, lbfgs")
+    lr: float = setting(0.5, "learning rate (the digits default: element-normalised MSE has "
+                        "gradients 1/K small)")
+    momentum: float = setting(0.9, "sgd: momentum")
+    weight_decay: float = setting(5e-4, "coupled L2 on every trainable parameter (adamw: "
+                                  "decoupled)")
+    betas: list[float] = setting([0.9, 0.999], "adam/adamw: the two moment decays")
+    eps: float = setting(1e-8, "adam/adamw: denominator epsilon")
+    lbfgs_history: int = setting(10, "lbfgs: history size")
+    lbfgs_max_iter: int = setting(20, "lbfgs: iterations per step")
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "step"  # step, cosine, none
-    step_epochs: int = 60  # step: multiply the lr by gamma every step_epochs epochs
-    gamma: float = 0.1
-    min_lr: float = 0.0  # cosine
+    name: str = setting("step", "step, cosine, none")
+    step_epochs: int = setting(60, "step: multiply the lr by gamma every step_epochs epochs")
+    gamma: float = setting(0.1, "step: the lr factor")
+    min_lr: float = setting(0.0, "cosine: the final lr")
 
 
 @dataclass
 class TrackConfig:
-    every: int = 10  # NC tracking every N epochs, always at epoch 0 and at the last epoch
-    test: bool = True  # also measure the test set
-    nc4: bool = True  # NC4 needs a second sweep (of the model, if the features exceed 1 GiB)
+    every: int = setting(10, "NC tracking every N epochs, always at epoch 0 and at the last")
+    test: bool = setting(True, "also measure the test set")
+    nc4: bool = setting(True, "measure NC4 (a second sweep, of the model if the features "
+                        "exceed 1 GiB)")
 
 
 @dataclass
@@ -91,18 +102,18 @@ class TrainConfig:
     """The defaults are the digits run of the README (MLP, MSE, SGD, 150 epochs); the paper's
     runs are presets (configs/, ``ncfast train --list-presets``)."""
 
-    name: str = "digits"  # run folder: <runs_dir>/<name>
-    about: str = ""  # one line on what the run is for (shown by --list-presets)
-    runs_dir: str = "runs"
-    epochs: int = 150
-    seed: int = 6
-    deterministic: bool = False
-    device: str = "auto"  # auto (cuda when available), cpu, cuda
-    precision: str = "fp32"  # fp32, bf16, fp16 (autocast; CUDA only)
-    channels_last: bool = False
-    compile: bool = False
-    checkpoint_every: int = 1  # epochs
-    progress: bool = True
+    name: str = setting("digits", "run folder: <runs_dir>/<name>")
+    about: str = setting("", "one line on what the run is for (shown by --list-presets)")
+    runs_dir: str = setting("runs", "folder holding the run folders")
+    epochs: int = setting(150, "training epochs")
+    seed: int = setting(6, "seeds initialisation, shuffling and augmentation")
+    deterministic: bool = setting(False, "torch's deterministic algorithms (slower on CUDA)")
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda")
+    precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; CUDA only)")
+    channels_last: bool = setting(False, "channels_last memory format (CUDA only)")
+    compile: bool = setting(False, "torch.compile the model")
+    checkpoint_every: int = setting(1, "write checkpoint.pt every N epochs (and at the end)")
+    progress: bool = setting(True, "show a progress bar")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -136,16 +147,36 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """One settable key, as ``ncfast train --list-keys`` shows it."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+
+
+def key_infos(cls=TrainConfig, prefix: str = "") -> list[KeyInfo]:
+    """Every settable dotted key with its type, default and one-line help."""
+    infos = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for name, f in _fields(cls).items():
+        if dataclasses.is_dataclass(hints[name]):
+            infos += key_infos(hints[name], f"{prefix}{name}.")
+        else:
+            kind = getattr(hints[name], "__name__", None)
+            if typing.get_origin(hints[name]) is list:
+                kind = f"list[{typing.get_args(hints[name])[0].__name__}]"
+            infos.append(KeyInfo(prefix + name, kind, getattr(defaults, name),
+                                 f.metadata.get("help", "")))
+    return infos
+
+
 def all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
     """Every settable dotted key."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for name in _fields(cls):
-        if dataclasses.is_dataclass(hints[name]):
-            keys += all_keys(hints[name], f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
+    return [info.key for info in key_infos(cls, prefix)]
 
 
 def _unknown(key: str) -> ConfigError:
