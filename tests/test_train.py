@@ -1,4 +1,4 @@
-"""`ncfast train`: config handling, presets, models (theory 6.3's parameter counts), the run
+"""`ncfast train`: config handling, presets, models (theory.md 6.3's parameter counts), the run
 folder and its safety rules, exact resume after SIGKILL, DDP equivalence, the digits default."""
 
 import os

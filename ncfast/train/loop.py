@@ -95,7 +95,7 @@ def _optimizer(cfg: config_mod.OptimConfig, params):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                    weight_decay=cfg.weight_decay)
-    # L-BFGS has no weight decay: the closure adds 0.5 * wd * sum ||p||^2 (theory 6.1).
+    # L-BFGS has no weight decay: the closure adds 0.5 * wd * sum ||p||^2 (theory.md 6.1).
     return torch.optim.LBFGS(params, lr=cfg.lr, history_size=cfg.lbfgs_history,
                              max_iter=cfg.lbfgs_max_iter, line_search_fn="strong_wolfe")
 

@@ -1,6 +1,6 @@
 """Models of `ncfast train`: an MLP, ResNet-18/34/50 (CIFAR stem or torchvision's ImageNet stem)
 and WideResNet-28-10, each ending in one nn.Linear classifier whose input is the feature that the
-NC metrics measure. Optional bottleneck width d and a fixed simplex-ETF classifier (theory 6)."""
+NC metrics measure. Optional bottleneck width d and a fixed simplex-ETF classifier (theory.md 6)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .config import ConfigError, ModelConfig
 
 def simplex_etf(K: int, d: int) -> torch.Tensor:
     """(K, d) unit rows with pairwise cosine -1/(K-1): W W^T = K/(K-1) (I - 11^T/K).
-    d >= K: sqrt(K/(K-1)) P [I_K, 0] (theory 6.2); d = K-1: the same frame written in an
+    d >= K: sqrt(K/(K-1)) P [I_K, 0] (theory.md 6.2); d = K-1: the same frame written in an
     orthonormal basis of P's range."""
     if K < 2 or d < K - 1:
         raise ConfigError(f"model.fixed_etf needs num_classes >= 2 and feature dimension "
@@ -57,7 +57,7 @@ class MLP(nn.Module):
 def _resnet(arch: str, K: int, in_channels: int, cfg: ModelConfig) -> nn.Module:
     """torchvision's ResNet; the CIFAR stem swaps conv1 for a 3x3 stride-1 conv and drops the
     max-pool. A bottleneck width d replaces the last block's final conv (and BN) by one with d
-    output channels and gives that block a 1x1 projection shortcut (theory 6.3)."""
+    output channels and gives that block a 1x1 projection shortcut (theory.md 6.3)."""
     from torchvision import models
     from torchvision.models.resnet import BasicBlock
 
