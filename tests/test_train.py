@@ -249,8 +249,8 @@ def test_resume_after_sigkill_mid_epoch_ends_exactly_like_an_uninterrupted_run(t
     a = ckpt.read_metrics(tmp_path / "full" / "metrics.jsonl")
     b = ckpt.read_metrics(metrics)
     assert strip_times(a) == strip_times(b)
-    state_a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    state_b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["model"]
+    state_a = ckpt.load(tmp_path / "full" / "checkpoint.pt")["model"]
+    state_b = ckpt.load(tmp_path / "killed" / "checkpoint.pt")["model"]
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
 
@@ -296,7 +296,7 @@ def test_optimisers_and_losses_train(tmp_path, extra):
 def test_fixed_etf_classifier_is_not_trained_but_its_bias_is(tmp_path):
     result = run(quick(tmp_path, "epochs=2", "model.fixed_etf=true", "model.hidden=[16]",
                        "model.feature_dim=10"))
-    state = torch.load(result.run_dir / "checkpoint.pt", weights_only=False)["model"]
+    state = ckpt.load(result.run_dir / "checkpoint.pt")["model"]
     torch.testing.assert_close(state["fc.weight"], simplex_etf(10, 10), rtol=0, atol=0)
     assert state["fc.bias"].abs().sum() > 0
 

@@ -1,11 +1,21 @@
 """Run-folder files written so that a kill at any moment leaves a usable state: checkpoints and
-the config are replaced atomically, metrics.jsonl is cut back to the checkpoint on resume."""
+the config are replaced atomically, metrics.jsonl is cut back to the checkpoint on resume.
+
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool,
+None, bytes), is read with ``torch.load(weights_only=True)`` so nothing in a received file can
+run, and carries a SHA-256 digest of its payload that :func:`load` verifies. Saving a new one
+keeps the one before it as ``checkpoint-previous.pt``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,9 +23,15 @@ import torch
 from .config import ConfigError, flatten
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint-previous.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-FORMAT = "ncfast.train/1"
+FORMAT = "ncfast.train/2"
+
+# What every checkpoint must hold, with the type of each entry (a hand-made or partial file is
+# refused by name). Add new entries here.
+FIELDS = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
+          "scaler": dict, "rng": dict, "train_time": float, "track_time": float}
 
 
 class CheckpointError(RuntimeError):
@@ -32,58 +48,199 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------ digest
+
+def _feed(h, obj, where: str) -> None:
+    """Hash ``obj`` unambiguously: a type tag, then its size or value, recursively."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(b"T" + f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"D" + struct.pack("<q", len(obj)))
+        for key, value in obj.items():
+            _feed(h, key, where)
+            _feed(h, value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        h.update((b"L" if isinstance(obj, list) else b"U") + struct.pack("<q", len(obj)))
+        for i, value in enumerate(obj):
+            _feed(h, value, f"{where}[{i}]")
+    elif isinstance(obj, bool) or obj is None:
+        h.update({True: b"1", False: b"0", None: b"N"}[obj])
+    elif isinstance(obj, int):
+        h.update(b"I" + str(obj).encode() + b";")
+    elif isinstance(obj, float):
+        h.update(b"F" + obj.hex().encode() + b";")
+    elif isinstance(obj, (str, bytes)):
+        data = obj.encode("utf-8", "surrogatepass") if isinstance(obj, str) else obj
+        h.update((b"S" if isinstance(obj, str) else b"B") + struct.pack("<q", len(data)) + data)
+    else:
+        raise TypeError(f"checkpoint entry {where} must be a tensor or plain data, got "
+                        f"{type(obj).__name__}")
+
+
+def digest(payload: dict) -> str:
+    """SHA-256 of a checkpoint's payload (every tensor's bytes, dtype and shape, every value)."""
+    h = hashlib.sha256()
+    _feed(h, payload, "payload")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ RNG state
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain data (nothing that needs unpickling code)."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                          int(has_gauss), float(cached)]
     except ImportError:
         pass
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    """Restore :func:`rng_state`; a state of the wrong shape raises CheckpointError and
+    changes no RNG."""
+    try:
+        version, internal, gauss = state["python"]
+        python = (version, tuple(internal), gauss)
+        random.Random().setstate(python)  # rejects a bad state before anything changes
+        torch_state = state["torch"]
+        if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8):
+            raise TypeError("torch state must be a uint8 tensor")
+        saved_torch = torch.get_rng_state()
+        torch.set_rng_state(torch_state)
+        numpy = state.get("numpy")
+        if numpy is not None:
+            import numpy as np
+
+            name, keys, pos, has_gauss, cached = numpy
+            np_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+            try:
+                np.random.RandomState().set_state(np_state)
+            except Exception:
+                torch.set_rng_state(saved_torch)
+                raise
+            np.random.set_state(np_state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"cannot resume: the checkpoint's RNG state is malformed "
+                              f"({type(err).__name__}: {err})") from None
+    random.setstate(python)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
 
-        np.random.set_state(state["numpy"])
 
+# ------------------------------------------------------------------------------ save / load
 
 def save(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+    """Write ``payload`` (tensors and plain data, the :data:`FIELDS` at least) atomically to
+    ``path`` with its digest; the checkpoint it replaces becomes ``checkpoint-previous.pt``."""
+    record = {"format": FORMAT, "digest": digest(payload), **payload}
+    if path.is_file():
+        previous = path.with_name(PREVIOUS)
+        tmp = previous.with_name(f".{previous.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)  # the current file stays in place until the new one replaces it
+        except OSError:  # a filesystem without hard links
+            import shutil
+
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, previous)
+    atomic_write(path, lambda f: torch.save(record, f))
+
+
+def _read(path: Path) -> dict:
+    """The verified payload of one checkpoint file, or CheckpointError saying what is wrong."""
+    where = repr(str(path))
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation breaks it
+        raise CheckpointError(f"checkpoint {where} is corrupt or unreadable (not the zip "
+                              f"archive torch.save writes: truncated or another file)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it does not expect
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged archive, or an object weights_only does not allow
+        text = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())
+        refused = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln), None)
+        if isinstance(err, pickle.UnpicklingError) and refused:
+            raise CheckpointError(f"checkpoint {where} holds objects other than tensors and "
+                                  f"plain data; it was refused and nothing in it ran "
+                                  f"({refused})") from None
+        detail = next((ln.strip() for ln in str(err).splitlines()
+                       if ln.strip().startswith("Unsupported")), text[:200])
+        raise CheckpointError(f"checkpoint {where} is corrupt or unreadable "
+                              f"({type(err).__name__}: {detail}); nothing in it ran") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(f"{where} is not an ncfast train checkpoint (expected format "
+                              f"{FORMAT!r}, found {found!r})")
+    payload = {k: v for k, v in record.items() if k not in ("format", "digest")}
+    try:
+        actual = digest(payload)
+    except TypeError as err:
+        raise CheckpointError(f"checkpoint {where}: {err}") from None
+    if record.get("digest") != actual:
+        raise CheckpointError(f"checkpoint {where} is damaged: its contents do not match its "
+                              f"digest (stored {record.get('digest')!r}, computed {actual!r})")
+    for key, kind in FIELDS.items():
+        if key not in payload:
+            raise CheckpointError(f"checkpoint {where} lacks the entry {key!r}")
+        value = payload[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"checkpoint {where}: entry {key!r} must be "
+                                  f"{kind.__name__}, got {type(value).__name__}")
+    if payload["epoch"] < 1:
+        raise CheckpointError(f"checkpoint {where}: entry 'epoch' must be >= 1, got "
+                              f"{payload['epoch']}")
+    return payload
 
 
 def load(path: Path) -> dict:
+    """The payload of the checkpoint at ``path``, verified (format, digest, :data:`FIELDS`).
+    Any failure is a CheckpointError that also says whether ``checkpoint-previous.pt`` beside
+    it is intact, and how to resume from it."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"cannot resume: no checkpoint at {str(path)!r}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated, not a torch file, unpickling error
-        raise CheckpointError(f"cannot resume: checkpoint {str(path)!r} is corrupt or "
-                              f"unreadable ({type(err).__name__}: {err}); the run folder is "
-                              f"unchanged") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"cannot resume: {str(path)!r} is not an ncfast train checkpoint "
-                              f"(expected format {FORMAT!r})")
-    return payload
+        return _read(path)
+    except CheckpointError as err:
+        message = f"cannot resume: {err}; the run folder is unchanged"
+    previous = path.with_name(PREVIOUS)
+    if previous.is_file():
+        try:
+            epoch = _read(previous)["epoch"]
+        except CheckpointError:
+            message += f" (the previous checkpoint {str(previous)!r} is damaged too)"
+        else:
+            message += (f". The previous checkpoint {str(previous)!r} (epoch {epoch}) is intact: "
+                        f"to resume from it, move it over {path.name} (mv {str(previous)!r} "
+                        f"{str(path)!r}) and run --resume again")
+    raise CheckpointError(message)
 
+
+# ------------------------------------------------------------------------------ metrics
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of metrics.jsonl; a torn last line (killed mid-write) is skipped."""
     records = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append(record)
     return records
 
 

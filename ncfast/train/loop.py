@@ -27,9 +27,10 @@ from .config import ConfigError, TrainConfig
 from .data import close_workers, load_splits, loaders
 from .models import build_model
 
-# Keys that may change when a run is resumed (they do not change what is computed).
-RESUME_FREE = ("epochs", "progress", "data.workers", "data.pin_memory",
-               "data.persistent_workers", "data.dir", "data.download", "runs_dir")
+# Keys that may change when a run is resumed (they do not change what is computed; name and
+# runs_dir let a copied or renamed run folder be resumed).
+RESUME_FREE = ("epochs", "name", "runs_dir", "progress", "data.workers", "data.pin_memory",
+               "data.persistent_workers", "data.dir", "data.download")
 
 
 class TrainingDiverged(RuntimeError):
@@ -227,6 +228,42 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
             dist.destroy_process_group()
 
 
+def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
+             ) -> tuple[int, float, float]:
+    """Load the checkpoint at ``path`` into the run's objects and the RNGs; returns (epoch,
+    train_time, track_time). Raises before any RNG changes if anything does not fit."""
+    saved = ckpt.load(path)
+    try:
+        saved_cfg = config_mod.from_dict(saved["config"])
+    except ConfigError as err:
+        raise ckpt.CheckpointError(f"cannot resume: the config stored in {str(path)!r} is "
+                                   f"invalid ({err})") from None
+    ckpt.check_same_config(config_mod.to_dict(saved_cfg), config_mod.to_dict(cfg), RESUME_FREE)
+    if saved["epoch"] > cfg.epochs:
+        raise ConfigError(f"cannot resume to epochs={cfg.epochs}: the checkpoint is at "
+                          f"epoch {saved['epoch']}")
+    if cfg.schedule.name == "cosine" and saved_cfg.epochs != cfg.epochs:
+        # The cosine's length is the run's: another length would send the lr back up.
+        raise ConfigError(f"cannot resume a cosine schedule with epochs={cfg.epochs}: it was "
+                          f"built for epochs={saved_cfg.epochs}, and another length would "
+                          f"move the learning rate off its path (up again when longer); keep "
+                          f"epochs={saved_cfg.epochs}, or start a new run")
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        if scheduler.last_epoch != saved["epoch"]:
+            raise ValueError(f"its schedule is at epoch {scheduler.last_epoch}, the checkpoint "
+                             f"at epoch {saved['epoch']}")
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(path)!r} does not fit this "
+                                   f"model ({type(err).__name__}: {' '.join(str(err).split())}); the "
+                                   f"run folder is unchanged") from None
+    ckpt.set_rng_state(saved["rng"])
+    return saved["epoch"], saved["train_time"], saved["track_time"]
+
+
 def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult:
     run_dir = Path(cfg.runs_dir) / cfg.name
     device = _device(cfg, d)
@@ -250,24 +287,9 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
     _autocast(cfg, device)  # raises for reduced precision on CPU
 
     start_epoch, records, train_time, track_time = 0, [], 0.0, 0.0
-    saved = None
-    if resume:
-        saved = ckpt.load(run_dir / ckpt.CHECKPOINT)
-        ckpt.check_same_config(saved["config"], config_mod.to_dict(cfg), RESUME_FREE)
-        if saved["epoch"] > cfg.epochs:
-            raise ConfigError(f"cannot resume to epochs={cfg.epochs}: the checkpoint is at "
-                              f"epoch {saved['epoch']}")
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise ckpt.CheckpointError(f"cannot resume: checkpoint "
-                                       f"{str(run_dir / ckpt.CHECKPOINT)!r} does not fit this "
-                                       f"model ({err})") from None
-        start_epoch = saved["epoch"]
-        train_time, track_time = saved["train_time"], saved["track_time"]
+    if resume:  # every check and load before the run folder is written to
+        start_epoch, train_time, track_time = _restore(
+            run_dir / ckpt.CHECKPOINT, cfg, model, optimizer, scheduler, scaler)
 
     if d.main:
         if overwrite and run_dir.exists():
@@ -276,9 +298,6 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
         if resume:
             records = ckpt.truncate_metrics(run_dir / ckpt.METRICS, start_epoch)
         ckpt.atomic_write(run_dir / ckpt.CONFIG, lambda f: f.write(config_mod.dump(cfg).encode()))
-    if resume:
-        ckpt.set_rng_state(saved["rng"])
-        del saved
 
     net: nn.Module = model
     if d.world > 1:

@@ -1,0 +1,179 @@
+"""Checkpoints: nothing in a received file runs (weights_only), a damaged file is caught by its
+digest and the previous checkpoint is offered, hand-made or partial files are refused by name,
+and a refused resume leaves the run folder (config.yaml included) byte for byte."""
+
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ncfast.train import ConfigError, load, run
+from ncfast.train import checkpoint as ckpt
+
+TINY = ["data.name=gaussian", "data.num_classes=3", "data.gaussian_dim=4",
+        "data.gaussian_train_per_class=10", "data.gaussian_test_per_class=4",
+        "data.batch_size=10", "model.hidden=[8]", "model.batch_norm=false", "epochs=2",
+        "track.every=2", "progress=false"]
+
+
+def tiny(runs_dir, *extra):
+    return load(None, [*TINY, f"runs_dir={runs_dir}", *extra])
+
+
+def folder_bytes(path: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-epoch run: checkpoint.pt (epoch 2) and checkpoint-previous.pt (epoch 1)."""
+    runs = tmp_path_factory.mktemp("runs")
+    run(tiny(runs))
+    return runs / "digits"
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+    """A fresh copy of the trained run, to attack (resumed with epochs=3)."""
+    shutil.copytree(trained, tmp_path / "digits")
+    return tmp_path / "digits"
+
+
+def resume(run_dir):
+    return run(tiny(run_dir.parent, "epochs=3"), resume=True)
+
+
+def refused(run_dir, match, error=ckpt.CheckpointError):
+    before = folder_bytes(run_dir)
+    with pytest.raises(error, match=match):
+        resume(run_dir)
+    assert folder_bytes(run_dir) == before
+
+
+def rewrite(path: Path, edit) -> None:
+    """Load a checkpoint's record, let ``edit`` change it, and save it back as is."""
+    record = torch.load(path, weights_only=True)
+    edit(record)
+    torch.save(record, path)
+
+
+def resign(record: dict) -> None:
+    """Give an edited record a valid digest (what a careful forger would do)."""
+    record["digest"] = ckpt.digest({k: v for k, v in record.items()
+                                     if k not in ("format", "digest")})
+
+
+def test_save_keeps_the_previous_checkpoint_and_load_verifies(trained):
+    assert ckpt.load(trained / ckpt.CHECKPOINT)["epoch"] == 2
+    assert ckpt.load(trained / ckpt.PREVIOUS)["epoch"] == 1
+    record = torch.load(trained / ckpt.CHECKPOINT, weights_only=True)
+    assert record["format"] == ckpt.FORMAT and len(record["digest"]) == 64
+
+
+def test_resumed_run_continues_from_a_verified_checkpoint(copy):
+    result = resume(copy)
+    assert [r["epoch"] for r in result.records if r["kind"] == "train"] == [1, 2, 3]
+    assert ckpt.load(copy / ckpt.PREVIOUS)["epoch"] == 2
+
+
+def test_pickle_payload_is_refused_and_never_runs(copy, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    rewrite(copy / ckpt.CHECKPOINT, lambda r: r.__setitem__("rng", Payload()))
+    refused(copy, r"holds objects other than tensors and plain data; it was refused and "
+                  r"nothing in it ran \(.*GLOBAL.*system")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["model tensor", "optimizer state", "pickled structure"])
+def test_a_flipped_bit_is_caught_and_the_previous_checkpoint_offered(copy, where):
+    path = copy / ckpt.CHECKPOINT
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        entries = [i for i in z.infolist() if "/data/" in i.filename]
+        pickled = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    entry = {"model tensor": entries[0], "optimizer state": entries[-1],
+             "pickled structure": pickled}[where]
+    # the entry's bytes follow its 30-byte local header, its name and its extra field
+    header = entry.header_offset
+    name_len = int.from_bytes(data[header + 26:header + 28], "little")
+    extra_len = int.from_bytes(data[header + 28:header + 30], "little")
+    offset = header + 30 + name_len + extra_len + entry.file_size // 2
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    refused(copy, r"checkpoint '.*checkpoint.pt' (is damaged: its contents do not match its "
+                  r"digest|is corrupt or unreadable).*the run folder is unchanged\. The previous "
+                  r"checkpoint '.*checkpoint-previous.pt' \(epoch 1\) is intact: to resume from "
+                  r"it, move it over checkpoint.pt")
+    os.replace(copy / ckpt.PREVIOUS, path)  # what the message offers
+    result = resume(copy)
+    assert [r["epoch"] for r in result.records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_both_checkpoints_damaged_says_so(copy):
+    for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):
+        (copy / name).write_bytes((copy / name).read_bytes()[:-100])
+    refused(copy, r"is corrupt or unreadable \(not the zip archive.*the previous checkpoint "
+                  r"'.*checkpoint-previous.pt' is damaged too")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r.pop("digest"), r"is damaged: its contents do not match its digest \(stored "
+                                r"None"),
+    (lambda r: r.__setitem__("format", "other/1"), r"is not an ncfast train checkpoint "
+                                                   r"\(expected format 'ncfast.train/2', found "
+                                                   r"'other/1'\)"),
+], ids=["no-digest", "foreign-format"])
+def test_unsigned_or_foreign_files_are_refused(copy, edit, match):
+    rewrite(copy / ckpt.CHECKPOINT, edit)
+    refused(copy, match)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r.pop("optimizer"), r"lacks the entry 'optimizer'"),
+    (lambda r: r.pop("rng"), r"lacks the entry 'rng'"),
+    (lambda r: r.__setitem__("epoch", "2"), r"entry 'epoch' must be int, got str"),
+    (lambda r: r.__setitem__("epoch", 0), r"entry 'epoch' must be >= 1, got 0"),
+    (lambda r: r.__setitem__("model", {}), r"does not fit this model \(RuntimeError: .*Missing "
+                                           r"key"),
+    (lambda r: r["model"].__setitem__("fc.weight", torch.zeros(3, 3)),
+     r"does not fit this model \(RuntimeError: .*size mismatch"),
+    (lambda r: r["scheduler"].__setitem__("last_epoch", 7),
+     r"does not fit this model \(ValueError: its schedule is at epoch 7, the checkpoint at "
+     r"epoch 2\)"),
+    (lambda r: r["rng"].__setitem__("torch", torch.zeros(3, dtype=torch.uint8)),
+     r"the checkpoint's RNG state is malformed \(RuntimeError"),
+    (lambda r: r["rng"].__setitem__("python", [3, [1, 2], None]),
+     r"the checkpoint's RNG state is malformed \((ValueError|TypeError)"),
+    (lambda r: r["config"]["optim"].__setitem__("lr", -1.0),
+     r"the config stored in '.*checkpoint.pt' is invalid \(config key 'optim.lr' must be > 0, "
+     r"got -1.0\)"),
+    (lambda r: r["config"].__setitem__("config", {"x": 1}),
+     r"the config stored in .* is invalid \(unknown config key 'config.x'"),
+], ids=["no-optimizer", "no-rng", "epoch-str", "epoch-0", "empty-model", "wrong-shape",
+        "schedule-elsewhere", "rng-torch", "rng-python", "config-invalid", "config-unknown"])
+def test_hand_made_or_partial_checkpoints_are_refused_by_name(copy, edit, match):
+    rewrite(copy / ckpt.CHECKPOINT, lambda record: (edit(record), resign(record)))
+    refused(copy, match)
+
+
+def test_config_yaml_is_not_rewritten_before_the_load_succeeds(copy):
+    (copy / ckpt.CONFIG).write_text((copy / ckpt.CONFIG).read_text() + "# my notes\n")
+    rewrite(copy / ckpt.CHECKPOINT, lambda r: (r.pop("scaler"), resign(r)))
+    refused(copy, r"lacks the entry 'scaler'")
+    assert (copy / ckpt.CONFIG).read_text().endswith("# my notes\n")
+
+
+def test_resume_with_another_config_is_refused(copy):
+    before = folder_bytes(copy)
+    with pytest.raises(ConfigError, match=r"cannot resume with a different config "
+                                          r"\(optim.lr: 0.5 -> 0.1\)"):
+        run(tiny(copy.parent, "epochs=3", "optim.lr=0.1"), resume=True)
+    assert folder_bytes(copy) == before
