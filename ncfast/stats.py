@@ -452,10 +452,10 @@ class ClassStats:
     def all_reduce(self, group=None) -> "ClassStats":
         """Combine the accumulators of every rank in ``group`` (torch.distributed), exactly:
         two all-reduces of centred quantities (theory.md 5.8), never raw second moments. Every
-        rank ends with the same state. Returns self."""
+        rank ends with the same state. Without an initialised process group (a single
+        process) there is nothing to combine: a no-op, as in torchmetrics. Returns self."""
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ncfast.ClassStats.all_reduce: torch.distributed is not "
-                               "initialised")
+            return self
         mu_r, m2_r, sq_r = self._centred()
         n_r = self._counts.double()
         first = torch.cat([n_r, (n_r[:, None] * mu_r).reshape(-1)])

@@ -307,6 +307,19 @@ def test_class_moments_skips_negative_labels(device):
     assert_close(got[3][kept.to(device)].cpu(), want[3])
 
 
+def test_all_reduce_without_a_process_group_is_a_no_op():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    feats, labels = mixture(5, 4, 12, 0.3, dtype=torch.float64, unbalanced=True)
+    stats = stream(feats, labels, 5, 16, dtype=torch.float64)
+    before = stats.state_dict()
+    assert stats.all_reduce() is stats
+    after = stats.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value
+
+
 def _gloo_worker(rank, world, init_file, feats, labels, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
