@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := "scikit-build-core>=0.10" "cmake>=3.26" ninja
 RUNTIME_DEPS := numpy pytest pyyaml matplotlib scikit-learn
+# ncfast.integrations (optional for users: see the README's Dependencies); installed here so
+# the tests exercise every adapter.
+INTEGRATION_DEPS := torchmetrics lightning scipy
 OUT ?= bench-out
 
 .PHONY: run test build bench gpu-check clean
@@ -36,7 +39,7 @@ build: $(VENV)/.installed
 $(VENV)/.installed: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS) $(BUILD_DEPS) $(RUNTIME_DEPS)
+	$(PY) -m pip install -q $(TORCH_PINS) $(BUILD_DEPS) $(RUNTIME_DEPS) $(INTEGRATION_DEPS)
 	touch $@
 
 clean:
