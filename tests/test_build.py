@@ -50,7 +50,7 @@ def test_import_needs_no_gpu_and_no_training_extras():
         import sys
         import ncfast
         heavy = {"torchvision", "matplotlib", "sklearn", "yaml", "scipy", "torchmetrics",
-                 "lightning", "pytorch_lightning", "tqdm", "tensorboard", "curvlinops"}
+                 "lightning", "pytorch_lightning", "tensorboard", "curvlinops"}
         heavy &= set(sys.modules)
         print(sorted(heavy))
     """)
