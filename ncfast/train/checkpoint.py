@@ -26,7 +26,11 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint-previous.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
+PLOT = "nc.png"
 FORMAT = "ncfast.train/2"
+# Every name a run folder may hold (glob patterns): a folder holding anything else is not a run,
+# and --overwrite refuses to replace it. Add new run files here.
+RUN_FILES = (CONFIG, METRICS, PLOT, "checkpoint*.pt", ".*.tmp")
 
 # What every checkpoint must hold, with the type of each entry (a hand-made or partial file is
 # refused by name). Add new entries here.

@@ -8,7 +8,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from . import report
 from .config import ConfigError, TrainConfig
 from .data import close_workers, load_splits, loaders
 from .models import build_model
+from .runfolder import RunFolder
 
 # Keys that may change when a run is resumed (they do not change what is computed; name and
 # runs_dir let a copied or renamed run folder be resumed).
@@ -110,26 +110,14 @@ def _scheduler(cfg: TrainConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an existing run unless asked; nothing is deleted here."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if resume and overwrite:
-        raise ConfigError("pass --resume or --overwrite, not both")
-    if resume and not (run_dir / ckpt.CHECKPOINT).is_file():
-        raise ckpt.CheckpointError(f"cannot resume: no checkpoint at "
-                                   f"{str(run_dir / ckpt.CHECKPOINT)!r}")
-    if exists and not resume and not overwrite:
-        raise ConfigError(f"run folder {str(run_dir)!r} already exists; pass --resume to "
-                          f"continue it, --overwrite to replace it, or choose another name=")
-
-
-def _on_rank0(d: _Dist, check) -> None:
+def _on_rank0(d: _Dist, check):
     """Run ``check`` on rank 0 only (the run folder is rank 0's: other nodes may not see it, and
-    rank 0 may already be writing to it) and raise its error on every rank."""
-    error = None
+    rank 0 may already be writing to it) and raise its error on every rank; returns its result
+    on rank 0, None elsewhere."""
+    error = result = None
     if d.main:
         try:
-            check()
+            result = check()
         except (ConfigError, ckpt.CheckpointError) as err:
             error = err
     if d.world > 1:
@@ -138,6 +126,7 @@ def _on_rank0(d: _Dist, check) -> None:
         error = box[0]
     if error is not None:
         raise error
+    return result
 
 
 def _tracking_epochs(cfg: TrainConfig) -> set[int]:
@@ -269,7 +258,17 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
     device = _device(cfg, d)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    _on_rank0(d, lambda: _prepare_run_dir(run_dir, resume, overwrite))
+    # Exclusive from here on; the folder itself is written only once everything has loaded.
+    folder = _on_rank0(d, lambda: RunFolder(run_dir, resume, overwrite))
+    try:
+        return _train(cfg, resume, d, device, run_dir, folder)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_dir: Path,
+           folder: RunFolder | None) -> RunResult:
     _seed_everything(cfg.seed, cfg.deterministic)
 
     # Everything that can fail on bad input happens before the run folder is touched.
@@ -291,13 +290,12 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
         start_epoch, train_time, track_time = _restore(
             run_dir / ckpt.CHECKPOINT, cfg, model, optimizer, scheduler, scaler)
 
-    if d.main:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
+        folder.create()
         if resume:
-            records = ckpt.truncate_metrics(run_dir / ckpt.METRICS, start_epoch)
-        ckpt.atomic_write(run_dir / ckpt.CONFIG, lambda f: f.write(config_mod.dump(cfg).encode()))
+            records = ckpt.truncate_metrics(folder.path / ckpt.METRICS, start_epoch)
+        ckpt.atomic_write(folder.path / ckpt.CONFIG,
+                          lambda f: f.write(config_mod.dump(cfg).encode()))
 
     net: nn.Module = model
     if d.world > 1:
@@ -315,7 +313,7 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
               f"{cfg.optim.lr:g}, {cfg.epochs} epochs | {device.type} x {d.world}, "
               f"{cfg.precision}" + (f" | resumed at epoch {start_epoch}" if resume else ""),
               flush=True)
-    metrics_file = (run_dir / ckpt.METRICS).open("a") if d.main else None
+    metrics_file = (folder.path / ckpt.METRICS).open("a") if folder is not None else None
     tracked = _tracking_epochs(cfg)
 
     def emit(record: dict) -> None:
@@ -363,20 +361,22 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
                     progress.epoch_done("  NC " + "  ".join(
                         f"{r['split']}: acc {r['accuracy']:.4f} NC1 {report.fmt(r['nc1'])}"
                         for r in last))
-            if d.main and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
-                ckpt.save(run_dir / ckpt.CHECKPOINT, {
+            if folder is not None and (epoch % cfg.checkpoint_every == 0
+                                       or epoch == cfg.epochs):
+                ckpt.save(folder.path / ckpt.CHECKPOINT, {
                     "epoch": epoch, "config": config_mod.to_dict(cfg),
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "rng": ckpt.rng_state(), "train_time": train_time,
                     "track_time": track_time})
+                folder.commit()  # --overwrite: the new run replaces the old one only now
     finally:
         if metrics_file is not None:
             metrics_file.close()
         close_workers(train_loader, train_eval_loader, test_loader)
 
-    if d.main:
-        report.plot(records, run_dir / report.PLOT, f"{cfg.name}: {cfg.model.arch} on "
+    if folder is not None:
+        report.plot(records, folder.path / ckpt.PLOT, f"{cfg.name}: {cfg.model.arch} on "
                     f"{cfg.data.name}, {cfg.loss.name}, {cfg.optim.name}")
         if cfg.progress:
             print(report.summary(records, train_time, track_time))

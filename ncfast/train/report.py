@@ -9,8 +9,6 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 
-PLOT = "nc.png"
-
 
 class Progress:
     """One line per epoch, redrawn in place on a terminal (batches, samples/s, running loss)."""

@@ -1,0 +1,184 @@
+"""Claiming ``<runs_dir>/<name>`` for one run: exclusively (a lock beside it, released by the
+kernel if the process dies), never deleting a folder that is not an ncfast run, and under
+``--overwrite`` building the new run beside the old one and swapping it in only once the new run
+has written its first checkpoint, so a run that fails before that leaves the old one byte for
+byte."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import fnmatch
+import os
+import shutil
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT, CONFIG, RUN_FILES, CheckpointError
+from .config import ConfigError
+
+
+def _foreign(path: Path) -> list[str]:
+    """The entries of ``path`` that are not run files."""
+    return sorted(p.name for p in path.iterdir()
+                  if not any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_FILES))
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); where that is missing,
+    two renames through ``<b>.old``, which :meth:`RunFolder._recover` completes after a kill."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:
+            return
+    except (AttributeError, OSError):
+        pass
+    old = b.with_name(f".{b.name}.old")
+    os.rename(b, old)
+    os.rename(a, b)
+    os.rename(old, a)
+
+
+class RunFolder:
+    """The claimed run folder. ``path`` is where the run writes now: the run folder itself, or
+    under ``--overwrite`` of an existing run a staging folder beside it until :meth:`commit`."""
+
+    def __init__(self, run_dir: Path, resume: bool, overwrite: bool):
+        self.final = run_dir
+        self.path = run_dir
+        self.staging: Path | None = None
+        self._lock_file = run_dir.with_name(f".{run_dir.name}.lock")
+        self._created_runs_dir = False
+        self._fd: int | None = None
+        self._claim(resume, overwrite)
+
+    # -- claiming -----------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        runs_dir = self.final.parent
+        try:
+            if not runs_dir.is_dir():
+                runs_dir.mkdir(parents=True)
+                self._created_runs_dir = True
+            while True:  # the lock file may be replaced between open and flock: retry
+                fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    self._remove_runs_dir()
+                    raise ConfigError(f"run folder {str(self.final)!r} is in use by another "
+                                      f"ncfast train process; wait for it to end, or choose "
+                                      f"another name=") from None
+                try:
+                    same = os.stat(self._lock_file).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self._fd = fd
+                    return
+                os.close(fd)
+        except OSError as err:
+            self._remove_runs_dir()
+            raise ConfigError(f"config key 'runs_dir' must be a folder this process can write "
+                              f"to, got {str(runs_dir)!r} ({err.strerror or err})") from None
+
+    def _claim(self, resume: bool, overwrite: bool) -> None:
+        if resume and overwrite:
+            raise ConfigError("pass --resume or --overwrite, not both")
+        self._lock()
+        try:
+            self._recover()
+            self._check(resume, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def _recover(self) -> None:
+        """Finish what a process killed inside :meth:`commit` or before it left behind."""
+        old = self.final.with_name(f".{self.final.name}.old")
+        if old.is_dir():
+            if self.final.exists():
+                shutil.rmtree(old)
+            else:
+                os.rename(old, self.final)
+        stale = self.final.with_name(f".{self.final.name}.new")
+        if stale.is_dir():  # a new run that never reached its first checkpoint
+            if _foreign(stale):
+                raise ConfigError(f"{str(stale)!r} is in the way of --overwrite and holds "
+                                  f"files that are not a run's; move it away")
+            shutil.rmtree(stale)
+
+    def _check(self, resume: bool, overwrite: bool) -> None:
+        where = repr(str(self.final))
+        if self.final.exists() and not self.final.is_dir():
+            raise ConfigError(f"run folder {where} exists and is not a folder; choose another "
+                              f"name=")
+        exists = _nonempty(self.final)
+        foreign = _foreign(self.final) if exists else []
+        is_run = exists and not foreign and (self.final / CONFIG).is_file()
+        has_checkpoint = (self.final / CHECKPOINT).is_file()
+        if exists and not is_run:
+            shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ConfigError(f"{where} exists and is not an ncfast run folder (it holds "
+                              f"{shown or 'no config.yaml'}); it is never replaced or deleted: "
+                              f"choose another name= or runs_dir=")
+        if resume:
+            if not has_checkpoint:
+                hint = ("the run stopped before its first checkpoint; start it again with "
+                        "--overwrite" if exists else "start the run without --resume")
+                raise CheckpointError(f"cannot resume: no checkpoint at "
+                                      f"{str(self.final / CHECKPOINT)!r}; {hint}")
+            return
+        if exists and not overwrite:
+            if has_checkpoint:
+                raise ConfigError(f"run folder {where} already exists; pass --resume to "
+                                  f"continue it, --overwrite to replace it, or choose another "
+                                  f"name=")
+            raise ConfigError(f"run folder {where} holds a run that stopped before its first "
+                              f"checkpoint (nothing to resume); pass --overwrite to start it "
+                              f"again, or choose another name=")
+        if exists:  # --overwrite of a run: build beside it
+            self.staging = self.final.with_name(f".{self.final.name}.new")
+            self.path = self.staging
+
+    # -- writing ------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Make the folder the run writes to (after every check and load has passed)."""
+        self.path.mkdir(exist_ok=True)
+
+    def commit(self) -> None:
+        """Under --overwrite: swap the new run in for the old one (called after the new run's
+        first checkpoint) and delete the old run. A no-op otherwise."""
+        if self.staging is None:
+            return
+        _exchange(self.staging, self.final)
+        shutil.rmtree(self.staging)
+        self.staging, self.path = None, self.final
+
+    def release(self) -> None:
+        """Drop an uncommitted staging folder and the lock (always call it, also on errors)."""
+        if self.staging is not None and self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging = None
+        if self._fd is not None:
+            try:
+                os.unlink(self._lock_file)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+        self._remove_runs_dir()
+
+    def _remove_runs_dir(self) -> None:
+        if self._created_runs_dir:
+            try:
+                os.rmdir(self.final.parent)  # only if nothing was written there
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise

@@ -1,0 +1,176 @@
+"""The run folder's rules: one process per run folder, a folder that is not a run is never
+replaced or deleted, --overwrite keeps the old run byte for byte until the new one has written
+its first checkpoint, a run killed before its first checkpoint gets the one advice that works,
+copied or renamed run folders resume, and a cosine schedule is never resumed off its path."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ncfast.train import ConfigError, load, run
+from ncfast.train import checkpoint as ckpt
+from ncfast.train.loop import TrainingDiverged
+from ncfast.train.runfolder import RunFolder
+
+TINY = ["data.name=gaussian", "data.num_classes=3", "data.gaussian_dim=4",
+        "data.gaussian_train_per_class=10", "data.gaussian_test_per_class=4",
+        "data.batch_size=10", "model.hidden=[8]", "model.batch_norm=false", "epochs=2",
+        "track.every=2", "progress=false"]
+
+
+def tiny(runs_dir, *extra):
+    return load(None, [*TINY, f"runs_dir={runs_dir}", *extra])
+
+
+def tree_bytes(path: Path) -> dict:
+    """Every file under ``path`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def epochs_of(run_dir: Path) -> list[int]:
+    return [r["epoch"] for r in ckpt.read_metrics(run_dir / ckpt.METRICS) if r["kind"] == "train"]
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    run(tiny(tmp_path))
+    return tmp_path / "digits"
+
+
+@pytest.mark.parametrize("content", [{"notes.txt": "mine"}, {"config.yaml": "x: 1",
+                                                             "thesis.tex": "chapter 1"},
+                                     {"metrics.jsonl": ""}, {"sub/data.bin": "1"}],
+                         ids=["other-files", "config-and-other", "no-config", "subfolder"])
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}], ids=["plain", "overwrite"])
+def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, content, flags):
+    folder = tmp_path / "digits"
+    for name, text in content.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    before = tree_bytes(tmp_path)
+    with pytest.raises(ConfigError, match=r"'.*digits' exists and is not an ncfast run folder "
+                                          r"\(it holds .*\); it is never replaced or deleted: "
+                                          r"choose another name= or runs_dir="):
+        run(tiny(tmp_path), **flags)
+    assert tree_bytes(tmp_path) == before
+
+
+def test_a_file_in_the_way_is_never_replaced(tmp_path):
+    (tmp_path / "digits").write_text("mine")
+    with pytest.raises(ConfigError, match=r"run folder '.*digits' exists and is not a folder"):
+        run(tiny(tmp_path), overwrite=True)
+    assert (tmp_path / "digits").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    (["optim.lr=1e6", "loss.normalize=sample"], TrainingDiverged, r"training diverged in "
+                                                                  r"epoch 1"),
+    (["data.name=digits", "data.num_classes=5"], ConfigError, r"data.num_classes=5 disagrees with the data"),
+    (["data.name=cifar10", "data.dir=/nonexistent"], ConfigError, r"no usable data set"),
+], ids=["diverges", "wrong-class-count", "missing-data"])
+def test_overwrite_that_fails_leaves_the_old_run_byte_for_byte(old_run, extra, error, match):
+    before = tree_bytes(old_run.parent)
+    with pytest.raises(error, match=match):
+        run(tiny(old_run.parent, *extra), overwrite=True)
+    assert tree_bytes(old_run.parent) == before
+    assert sorted(p.name for p in old_run.parent.iterdir()) == ["digits"]  # no lock, no staging
+
+
+def test_overwrite_swaps_the_new_run_in_after_its_first_checkpoint(old_run):
+    (old_run / ckpt.CONFIG).write_text((old_run / ckpt.CONFIG).read_text() + "# old\n")
+    run(tiny(old_run.parent, "epochs=3", "optim.lr=0.3"), overwrite=True)
+    assert epochs_of(old_run) == [1, 2, 3]
+    assert load(str(old_run / ckpt.CONFIG)).optim.lr == 0.3
+    assert "# old" not in (old_run / ckpt.CONFIG).read_text()
+    assert ckpt.load(old_run / ckpt.CHECKPOINT)["config"]["optim"]["lr"] == 0.3
+    assert sorted(p.name for p in old_run.parent.iterdir()) == ["digits"]
+
+
+def test_one_process_per_run_folder(tmp_path, old_run):
+    holder = RunFolder(tmp_path / "digits", resume=True, overwrite=False)
+    try:
+        before = tree_bytes(tmp_path)
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(ConfigError, match=r"run folder '.*digits' is in use by another "
+                                                  r"ncfast train process; wait for it to end, "
+                                                  r"or choose another name="):
+                run(tiny(tmp_path, "epochs=3"), **flags)
+        assert tree_bytes(tmp_path) == before
+    finally:
+        holder.release()
+    run(tiny(tmp_path, "epochs=3"), resume=True)  # released: the next run may claim it
+    assert epochs_of(old_run) == [1, 2, 3]
+
+
+def test_killed_before_its_first_checkpoint_gets_the_advice_that_works(old_run):
+    for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):
+        (old_run / name).unlink()  # as a run killed inside epoch 1 leaves its folder
+    before = tree_bytes(old_run)
+    with pytest.raises(ConfigError, match=r"holds a run that stopped before its first "
+                                          r"checkpoint \(nothing to resume\); pass --overwrite "
+                                          r"to start it again"):
+        run(tiny(old_run.parent))
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot resume: no checkpoint at "
+                                                   r"'.*checkpoint.pt'; the run stopped before "
+                                                   r"its first checkpoint; start it again with "
+                                                   r"--overwrite"):
+        run(tiny(old_run.parent), resume=True)
+    assert tree_bytes(old_run) == before
+    run(tiny(old_run.parent), overwrite=True)
+    assert epochs_of(old_run) == [1, 2]
+
+
+@pytest.mark.parametrize("move", [shutil.copytree, os.rename], ids=["copied", "renamed"])
+def test_a_copied_or_renamed_run_folder_resumes(old_run, tmp_path, move):
+    (tmp_path / "elsewhere").mkdir()
+    move(old_run, tmp_path / "elsewhere" / "other")
+    result = run(tiny(tmp_path / "elsewhere", "name=other", "epochs=3"), resume=True)
+    assert result.run_dir == tmp_path / "elsewhere" / "other"
+    assert epochs_of(result.run_dir) == [1, 2, 3]
+    assert load(str(result.run_dir / ckpt.CONFIG)).name == "other"
+
+
+def test_a_swap_interrupted_by_a_kill_is_completed(old_run):
+    """The fallback swap renames the old run to .<name>.old first: a kill right there leaves
+    no run folder, and the next claim puts the old run back."""
+    before = tree_bytes(old_run)
+    os.rename(old_run, old_run.with_name(".digits.old"))
+    (old_run.parent / ".digits.new").mkdir()  # the new run's staging folder, never committed
+    (old_run.parent / ".digits.new" / ckpt.CONFIG).write_text("x: 1")
+    run(tiny(old_run.parent, "epochs=3"), resume=True)
+    assert epochs_of(old_run) == [1, 2, 3]
+    assert sorted(p.name for p in old_run.parent.iterdir()) == ["digits"]
+    assert before[ckpt.CHECKPOINT] == (old_run / ckpt.PREVIOUS).read_bytes()
+
+
+def test_runs_dir_that_cannot_hold_folders_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match=r"config key 'runs_dir' must be a folder this process "
+                                          r"can write to, got '.*file'"):
+        run(tiny(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_failed_first_run_leaves_no_runs_dir_behind(tmp_path):
+    with pytest.raises(ConfigError, match="disagrees with the data"):
+        run(tiny(tmp_path / "runs", "data.name=digits", "data.num_classes=5"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cosine_schedule_is_not_resumed_with_another_length(tmp_path):
+    cfg = tiny(tmp_path, "schedule.name=cosine")
+    run(cfg)
+    before = tree_bytes(tmp_path)
+    for epochs in (3, 10):
+        with pytest.raises(ConfigError, match=rf"cannot resume a cosine schedule with "
+                                              rf"epochs={epochs}: it was built for epochs=2, "
+                                              rf"and another length would move the learning "
+                                              rf"rate off its path"):
+            run(tiny(tmp_path, "schedule.name=cosine", f"epochs={epochs}"), resume=True)
+    assert tree_bytes(tmp_path) == before
+    run(tiny(tmp_path, "schedule.name=step", "epochs=3"), overwrite=True)
+    run(tiny(tmp_path, "schedule.name=step", "epochs=4"), resume=True)  # step: may grow
+    assert epochs_of(tmp_path / "digits") == [1, 2, 3, 4]
