@@ -18,13 +18,16 @@ $PY -m ncfast.info > "$OUT/info.txt" 2>&1 || status=1
 # One pytest process per file, so a crash in one cannot hide the results of the others.
 for f in tests/test_*.py; do
   name=$(basename "$f" .py)
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider "$f" \
+  # Never on a GPU: the in-place class_moments_ (it has not been cleared to run on one).
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider \
+    -k "not (class_moments and cuda)" "$f" \
     > "$OUT/pytest-cuda-$name.txt" 2>&1
   rc=$?
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1  # 5: no CUDA test in that file
   echo "$name: $(tail -1 "$OUT/pytest-cuda-$name.txt") (exit $rc)"
 done
-for bench in loss stats hvp linear_loss train; do
+# The HVP bench is CPU-only by rule (never run on a GPU).
+for bench in loss stats linear_loss train; do
   timeout "${BENCH_TIMEOUT:-400}" $PY -m "bench.$bench" --device cuda --out "$OUT/$bench.md" \
     > "$OUT/$bench.log" 2>&1 || status=1
   tail -12 "$OUT/$bench.log"
