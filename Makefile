@@ -10,7 +10,7 @@ BUILD_DEPS := "scikit-build-core>=0.10" "cmake>=3.26" ninja
 RUNTIME_DEPS := numpy pytest pyyaml matplotlib scikit-learn
 # ncfast.integrations (optional for users: see the README's Dependencies); installed here so
 # the tests exercise every adapter.
-INTEGRATION_DEPS := torchmetrics lightning scipy
+INTEGRATION_DEPS := torchmetrics lightning scipy curvlinops-for-pytorch
 OUT ?= bench-out
 
 .PHONY: run test build bench gpu-check clean

@@ -28,9 +28,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "LanczosResult",
+    "NetworkOperator",
+    "as_linear_operator",
     "hutchpp",
     "lanczos",
     "network_hvp",
+    "network_operator",
     "slq_density",
 ]
 
@@ -441,11 +444,12 @@ def slq_density(
     return points, density
 
 
-# --- network HVP ------------------------------------------------------------------------------
+# --- network HVP and Gauss-Newton products ----------------------------------------------------
 
 
 class _FlatHVP:
-    """hvp(v) for the network loss; carries ``dtype`` and ``device`` for the spectral tools."""
+    """hvp(v) on flat vectors; carries ``n``, ``dtype`` and ``device`` for the spectral tools
+    and the adapters (``ncfast.integrations``)."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], n: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -458,65 +462,27 @@ class _FlatHVP:
         return self._fn(v)
 
 
-def network_hvp(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor | Sequence[Tensor],
-    targets: Tensor,
-    *,
-    params: Iterable[str | nn.Parameter] | None = None,
-    bn_mode: str = "eval",
-) -> tuple[Callable[[Tensor], Tensor], int, Callable[[Tensor], dict[str, Tensor]]]:
-    r"""Hessian-vector product of ``loss_fn(model(*inputs), targets)`` over one fixed batch,
-    with respect to (a subset of) the model's parameters, flattened.
+CURVATURES = ("hessian", "gauss_newton")
 
-    The loss is a function L(θ) of the flat parameter vector θ (the selected parameters in
-    ``named_parameters()`` order, each flattened); the others, and the buffers, are constants.
-    ``hvp(v) = ∇²L(θ₀) v`` is computed forward-over-reverse,
-    ``torch.func.jvp(torch.func.grad(L), (θ₀,), (v,))``, through
-    ``torch.func.functional_call``: one forward and one backward pass with tangents, never
-    the dense Hessian. θ₀ is captured (detached) when ``network_hvp`` is called; later changes
-    to the model's parameters are not seen.
 
-    BatchNorm (every ``torch.nn.modules.batchnorm._BatchNorm``) is handled explicitly, so that
-    L is a deterministic function of θ and no module state changes:
+class NetworkOperator(_FlatHVP):
+    """What :func:`network_operator` returns: ``op(v)`` is the curvature-vector product on flat
+    (n,) vectors; ``n``, ``dtype``, ``device``, ``curvature`` and ``unflatten(flat)`` (a
+    name -> tensor dict of views shaped like the selected parameters) describe it."""
 
-    - ``bn_mode="eval"`` (default): the whole model runs in eval mode, so BatchNorm normalises
-      with its running statistics (constants) and dropout is off. This is the Hessian of the
-      loss the model computes at test time.
-    - ``bn_mode="batch"``: BatchNorm normalises with the statistics of this batch (the training
-      loss's Hessian, which couples the samples of the batch); the rest of the model (dropout
-      included) runs in eval mode. The running buffers are passed to ``functional_call`` as
-      None, so they are neither read nor updated (copies cannot be used: an in-place update of
-      a captured tensor is not allowed inside a torch.func transform).
+    def __init__(self, fn, n, dtype, device, curvature: str,
+                 unflatten: Callable[[Tensor], dict[str, Tensor]]) -> None:
+        super().__init__(fn, n, dtype, device)
+        self.curvature = curvature
+        self.unflatten = unflatten
 
-    Each module's training flag is set for the duration of one ``hvp`` call and restored
-    afterwards (also on error); parameters, buffers and flags are as they were.
+    def __repr__(self) -> str:
+        return f"NetworkOperator({self.curvature}, n={self.n}, dtype={self.dtype}, " \
+               f"device={self.device})"
 
-    Args:
-        model: the network. Its selected parameters must share one floating dtype and device.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        inputs: a tensor, or a tuple/list of positional inputs to the model.
-        targets: passed to ``loss_fn`` as is.
-        params: the parameters to differentiate, as names (from ``named_parameters()``) or
-            Parameter objects; default every parameter with ``requires_grad``.
-        bn_mode: ``"eval"`` or ``"batch"`` (above).
 
-    Returns ``(hvp, n, unflatten)``: ``hvp`` maps a flat (n,) vector in the parameters' dtype
-    and device to the flat (n,) product (it also has ``dtype`` and ``device`` attributes,
-    which :func:`lanczos`, :func:`hutchpp` and :func:`slq_density` use when ``like`` is None);
-    n is the number of selected parameters; ``unflatten(flat)`` gives a name -> tensor dict of
-    views shaped like the parameters. Deterministic as far as the model's ops are.
-    """
-    op = _name("network_hvp")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"{op}: bn_mode must be 'eval' or 'batch', got {bn_mode!r}")
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
+def _select(op: str, model: nn.Module, params) -> list[str]:
+    """The names of the parameters to differentiate (see :func:`network_operator`)."""
     named = dict(model.named_parameters())
     if params is None:
         names = [name for name, p in named.items() if p.requires_grad]
@@ -543,6 +509,98 @@ def network_hvp(
         names = [name for name in named if name in wanted]
     if not names:
         raise ValueError(f"{op}: params must select at least one parameter, got none")
+    return names
+
+
+def _batch(op: str, item: object) -> tuple[tuple, object]:
+    """A data item (inputs, targets) as (positional inputs, targets)."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        got = f"{type(item).__name__} of length {len(item)}" if isinstance(item, (tuple, list)) \
+            else type(item).__name__
+        raise ValueError(f"{op}: every batch must be a pair (inputs, targets), got {got}")
+    inputs, targets = item
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), targets
+
+
+def _rows(targets: object) -> int:
+    if isinstance(targets, Tensor) and targets.dim() > 0:
+        return targets.shape[0]
+    return len(targets)  # type: ignore[arg-type]
+
+
+def network_operator(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    *,
+    curvature: str = "hessian",
+    params: Iterable[str | nn.Parameter] | None = None,
+    bn_mode: str = "eval",
+) -> NetworkOperator:
+    r"""The Hessian (or generalised Gauss-Newton) of a network's loss averaged over a data set,
+    as a product with flat vectors, never the dense matrix.
+
+    ``data`` is re-iterable (a ``DataLoader``, or a list of batches) and yields
+    ``(inputs, targets)``; ``inputs`` is a tensor or a tuple/list of positional inputs. Every
+    product makes one pass over it, moving each batch to the parameters' device. The
+    operator is
+
+    .. math:: A = \sum_b \frac{n_b}{N} A_b, \qquad N = \sum_b n_b,
+
+    where A_b is the curvature of ``loss_fn(model(*inputs_b), targets_b)`` and n_b the batch's
+    number of targets (its first dimension). **Per-batch weighting:** with a loss that is a
+    *mean* over its batch (the default of torch's losses and ncfast's), A is therefore the
+    curvature of the mean loss over the whole data set, whatever the batch sizes (a short
+    last batch counts for its samples, not as a full batch); in BatchNorm ``"eval"`` mode it
+    equals the one-batch operator of the whole data set to rounding. With a *sum* loss A is
+    a size-weighted average of per-batch sums, which depends on the batching: use a mean.
+    In ``bn_mode="batch"`` each batch is normalised with its own statistics, so A depends on
+    how the data are batched: use a loader without shuffling for a reproducible operator.
+
+    ``curvature``:
+
+    - ``"hessian"``: ∇²L(θ) v, forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``):
+      one forward and one backward pass with tangents per batch.
+    - ``"gauss_newton"``: the generalised Gauss-Newton product Jᵀ H_z J v, with J the Jacobian
+      of the model's output z = model(inputs) with respect to θ and H_z the Hessian of
+      ``loss_fn`` with respect to z: J v by forward mode, H_z (J v) by forward-over-reverse on
+      the loss alone, Jᵀ(...) by a vector-Jacobian product. Positive semi-definite for a loss
+      convex in z (MSE, cross-entropy); the Hessian minus the terms with the model's second
+      derivatives. The model must return one tensor.
+
+    θ is the flat vector of the selected parameters (``params``: names or Parameter objects,
+    default every parameter with ``requires_grad``, in ``named_parameters()`` order), captured
+    (detached) now; later changes to the model are not seen. The other parameters and the
+    buffers are constants. BatchNorm: ``bn_mode="eval"`` (default) runs the whole model in
+    eval mode (running statistics, no dropout); ``"batch"`` normalises with each batch's
+    statistics and neither reads nor updates the running buffers (see :func:`network_hvp`).
+    Module training flags are restored after every product, also on error.
+
+    Returns a :class:`NetworkOperator`: ``op(v)`` for flat (n,) vectors in the parameters'
+    dtype and device; :func:`lanczos`, :func:`hutchpp` and :func:`slq_density` take it
+    directly (it carries ``dtype`` and ``device``), and
+    :func:`ncfast.integrations.as_linear_operator` makes it a SciPy ``LinearOperator``.
+    Deterministic as far as the model's ops and the loader's order are.
+    """
+    op = _name("network_operator")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"{op}: bn_mode must be 'eval' or 'batch', got {bn_mode!r}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"{op}: curvature must be 'hessian' or 'gauss_newton', got "
+                         f"{curvature!r}")
+    if not isinstance(data, Iterable) or iter(data) is data:
+        raise TypeError(f"{op}: data must be re-iterable (a DataLoader or a list of batches), "
+                        f"got {type(data).__name__}")
+    return _network_operator(op, model, loss_fn, data, curvature, params, bn_mode)
+
+
+def _network_operator(op, model, loss_fn, data, curvature, params, bn_mode) -> NetworkOperator:
+    named = dict(model.named_parameters())
+    names = _select(op, model, params)
     selected = [named[name] for name in names]
     dtypes = {p.dtype for p in selected}
     devices = {p.device for p in selected}
@@ -566,7 +624,9 @@ def network_hvp(
         return {name: part.view(shape) for name, part, shape in
                 zip(names, torch.split(flat, sizes), shapes)}
 
-    # In "batch" mode BatchNorm must not read or write its running buffers (see docstring).
+    # In "batch" mode BatchNorm must not read or write its running buffers: they are passed as
+    # None (copies cannot be used: an in-place update of a captured tensor is not allowed inside
+    # a torch.func transform).
     overrides: dict[str, Tensor | None] = dict(constants)
     bn_modules = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if bn_mode == "batch":
@@ -575,29 +635,119 @@ def network_hvp(
                 if getattr(m, buf, None) is not None:
                     overrides[f"{prefix}.{buf}" if prefix else buf] = None
 
-    def loss(flat: Tensor) -> Tensor:
-        out = torch.func.functional_call(model, {**overrides, **unflatten(flat)}, args)
-        value = loss_fn(out, targets)
+    def scalar(value: object) -> Tensor:
         if not isinstance(value, Tensor) or value.numel() != 1:
             got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{op}: loss_fn must return a scalar tensor, got {got}")
         return value.reshape(())
 
-    grad_fn = torch.func.grad(loss)
+    def product(args: tuple, targets, v: Tensor) -> Tensor:
+        def outputs(flat: Tensor) -> Tensor:
+            return torch.func.functional_call(model, {**overrides, **unflatten(flat)}, args)
 
-    def hvp(v: Tensor) -> Tensor:
+        if curvature == "hessian":
+            grad = torch.func.grad(lambda flat: scalar(loss_fn(outputs(flat), targets)))
+            return torch.func.jvp(grad, (theta0,), (v,))[1]
+        z, jv = torch.func.jvp(outputs, (theta0,), (v,))
+        if not isinstance(z, Tensor):
+            raise ValueError(f"{op}: curvature='gauss_newton' needs a model that returns one "
+                             f"tensor, got {type(z).__name__}")
+        grad_z = torch.func.grad(lambda out: scalar(loss_fn(out, targets)))
+        hjv = torch.func.jvp(grad_z, (z.detach(),), (jv,))[1]
+        return torch.func.vjp(outputs, theta0)[1](hjv)[0]
+
+    def apply(v: Tensor) -> Tensor:
         if not isinstance(v, Tensor) or v.shape != (n,):
             got = list(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise ValueError(f"{op}: hvp's argument must have shape [{n}], got {got}")
+            raise ValueError(f"{op}: the vector must have shape [{n}], got {got}")
+        v = v.to(device=device, dtype=dtype)
         flags = [(m, m.training) for m in model.modules()]
+        total = torch.zeros(n, dtype=dtype, device=device)
+        rows = 0
         try:
             model.eval()
             if bn_mode == "batch":
                 for _, m in bn_modules:
                     m.train()
-            return torch.func.jvp(grad_fn, (theta0,), (v.to(device=device, dtype=dtype),))[1]
+            for item in data:
+                args, targets = _batch(op, item)
+                args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
+                if isinstance(targets, Tensor):
+                    targets = targets.to(device)
+                n_b = _rows(targets)
+                total.add_(product(args, targets, v), alpha=n_b)
+                rows += n_b
         finally:
             for m, flag in flags:
                 m.training = flag
+        if rows == 0:
+            raise ValueError(f"{op}: data yielded no samples")
+        return total / rows
 
-    return _FlatHVP(hvp, n, dtype, device), n, unflatten
+    return NetworkOperator(apply, n, dtype, device, curvature, unflatten)
+
+
+def network_hvp(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    targets: Tensor,
+    *,
+    params: Iterable[str | nn.Parameter] | None = None,
+    bn_mode: str = "eval",
+) -> tuple[Callable[[Tensor], Tensor], int, Callable[[Tensor], dict[str, Tensor]]]:
+    r"""Hessian-vector product of ``loss_fn(model(*inputs), targets)`` over one fixed batch,
+    with respect to (a subset of) the model's parameters, flattened: :func:`network_operator`
+    over the single batch ``(inputs, targets)`` (its Hessian; over a DataLoader, or the
+    Gauss-Newton product, use :func:`network_operator` itself).
+
+    The loss is a function L(θ) of the flat parameter vector θ (the selected parameters in
+    ``named_parameters()`` order, each flattened); the others, and the buffers, are constants.
+    ``hvp(v) = ∇²L(θ₀) v`` is computed forward-over-reverse,
+    ``torch.func.jvp(torch.func.grad(L), (θ₀,), (v,))``, through
+    ``torch.func.functional_call``: one forward and one backward pass with tangents, never
+    the dense Hessian. θ₀ is captured (detached) when ``network_hvp`` is called; later changes
+    to the model's parameters are not seen.
+
+    BatchNorm (every ``torch.nn.modules.batchnorm._BatchNorm``) is handled explicitly, so that
+    L is a deterministic function of θ and no module state changes:
+
+    - ``bn_mode="eval"`` (default): the whole model runs in eval mode, so BatchNorm normalises
+      with its running statistics (constants) and dropout is off. This is the Hessian of the
+      loss the model computes at test time.
+    - ``bn_mode="batch"``: BatchNorm normalises with the statistics of this batch (the training
+      loss's Hessian, which couples the samples of the batch); the rest of the model (dropout
+      included) runs in eval mode. The running buffers are passed to ``functional_call`` as
+      None, so they are neither read nor updated.
+
+    Each module's training flag is set for the duration of one ``hvp`` call and restored
+    afterwards (also on error); parameters, buffers and flags are as they were.
+
+    Args:
+        model: the network. Its selected parameters must share one floating dtype and device.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        inputs: a tensor, or a tuple/list of positional inputs to the model.
+        targets: passed to ``loss_fn`` as is.
+        params: the parameters to differentiate, as names (from ``named_parameters()``) or
+            Parameter objects; default every parameter with ``requires_grad``.
+        bn_mode: ``"eval"`` or ``"batch"`` (above).
+
+    Returns ``(hvp, n, unflatten)``: ``hvp`` (a :class:`NetworkOperator`) maps a flat (n,)
+    vector in the parameters' dtype and device to the flat (n,) product (it also has ``dtype``
+    and ``device`` attributes, which :func:`lanczos`, :func:`hutchpp` and :func:`slq_density`
+    use when ``like`` is None); n is the number of selected parameters; ``unflatten(flat)``
+    gives a name -> tensor dict of views shaped like the parameters. Deterministic as far as
+    the model's ops are.
+    """
+    op = _name("network_hvp")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"{op}: bn_mode must be 'eval' or 'batch', got {bn_mode!r}")
+    hvp = _network_operator(op, model, loss_fn, [(inputs, targets)], "hessian", params, bn_mode)
+    return hvp, hvp.n, hvp.unflatten
+
+
+from .integrations.scipy import as_linear_operator  # noqa: E402  (re-exported: users look here)

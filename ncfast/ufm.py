@@ -19,6 +19,7 @@ from torch import Tensor
 from . import metrics as _metrics
 from .stats import ClassStats
 from ._ops import loss_dtype, rescaled_mse_logit_grad
+from .hessian import _FlatHVP
 
 __all__ = [
     "BIAS_MODES",
@@ -366,7 +367,8 @@ class UFM:
         product``, with the residual G computed once for every later call: repeated products
         at one point, as Lanczos makes them, then cost the six matrix products of theory.md 3.3
         and one fused weighting pass each. ``.flat(v)`` takes and returns flat vectors
-        (:meth:`flatten` layout), for ``ncfast.hessian``."""
+        (:meth:`flatten` layout), for ``ncfast.hessian``; it carries ``n``, ``dtype`` and
+        ``device`` (``ncfast.hessian.as_linear_operator`` makes it a SciPy operator)."""
         op = _name("UFM.hvp_operator")
         W, H, b = self._unpack(op, params)
         G = None if gauss_newton else self._G(W, H, b)
@@ -379,7 +381,7 @@ class UFM:
             hA, hB, hc = product(self.unflatten(v))
             return torch.cat([hA.reshape(-1), hB.reshape(-1)] + ([hc] if hc is not None else []))
 
-        product.flat = flat
+        product.flat = _FlatHVP(flat, self.num_params, W.dtype, W.device)
         return product
 
     def gauss_newton(

@@ -337,6 +337,96 @@ def test_network_hvp_restores_flags_on_error():
     assert snapshot(model)[1] == before
 
 
+# --- network operators over a DataLoader -----------------------------------------------------
+
+
+def loader_of(x, y, batch_size):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                       batch_size=batch_size)
+
+
+def dense_gauss_newton(model, x, y):
+    """Jᵀ H_z J of the mean cross-entropy, eval mode, from dense Jacobians (float64)."""
+    m = copy.deepcopy(model).eval()
+    names = [name for name, _ in m.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    sizes = [p.numel() for p in m.parameters()]
+    shapes = [p.shape for p in m.parameters()]
+
+    def out(flat):
+        parts = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+        return torch.func.functional_call(m, parts, (x,)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(out, theta)  # (B*K, n)
+    z = out(theta).detach()
+    Hz = torch.autograd.functional.hessian(
+        lambda zz: nn.functional.cross_entropy(zz.view(len(y), -1), y), z)
+    return J.T @ Hz @ J
+
+
+def stacked(op, V):
+    return torch.stack([op(V[:, i]) for i in range(V.shape[1])], 1)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_loader_operator_is_the_whole_data_sets_mean_loss_curvature(curvature):
+    # Uneven batches (5, 5, 2): each counts for its samples, so in eval mode the average is
+    # the curvature of the mean loss over all 12 samples.
+    model = make_mlp(8)
+    x, y = batch(9)
+    op = hessian.network_operator(model, nn.functional.cross_entropy, loader_of(x, y, 5),
+                                  curvature=curvature)
+    assert (op.n, op.dtype, op.curvature) == (63, F64, curvature)
+    dense = dense_hessian(model, x, y, "eval") if curvature == "hessian" \
+        else dense_gauss_newton(model, x, y)
+    V = torch.randn(63, 4, generator=gen(10), dtype=F64)
+    torch.testing.assert_close(stacked(op, V), dense @ V, rtol=0, atol=1e-10)
+    if curvature == "gauss_newton":  # PSD, and not the Hessian
+        assert torch.linalg.eigvalsh(dense)[0] > -1e-12
+        assert (dense - dense_hessian(model, x, y, "eval")).abs().max() > 1e-3
+
+
+def test_loader_operator_in_batch_mode_weights_each_batch_by_its_samples():
+    model = make_mlp(11)
+    x, y = batch(12)
+    op = hessian.network_operator(model, nn.functional.cross_entropy, loader_of(x, y, 8),
+                                  bn_mode="batch")
+    want = (8 * dense_hessian(model, x[:8], y[:8], "batch")
+            + 4 * dense_hessian(model, x[8:], y[8:], "batch")) / 12
+    V = torch.randn(63, 3, generator=gen(13), dtype=F64)
+    torch.testing.assert_close(stacked(op, V), want @ V, rtol=0, atol=1e-10)
+
+
+def test_lanczos_and_slq_over_a_loader():
+    # A smaller network (n = 26) keeps the number of products (each a pass over the loader) low.
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    x, y = torch.randn(12, 4, generator=gen(15), dtype=F64), torch.arange(12) % 2
+    op = hessian.network_operator(model, nn.functional.cross_entropy, loader_of(x, y, 7))
+    names = [name for name, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def mean_loss(flat):
+        parts = dict(zip(names, torch.split(flat, [p.numel() for p in model.parameters()])))
+        parts = {k: v.view(dict(model.named_parameters())[k].shape) for k, v in parts.items()}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, parts, (x,)), y)
+
+    exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(mean_loss, theta))
+    res = hessian.lanczos(op, op.n, 2, num_iter=op.n, generator=gen(16))
+    torch.testing.assert_close(res.eigenvalues, torch.cat([exact[:2], exact[-2:]]),
+                               rtol=0, atol=1e-9 * float(exact.abs().max()))
+    probes = 6
+    grid, rho = hessian.slq_density(op, op.n, num_probes=probes, num_iter=op.n,
+                                    generator=gen(17))
+    assert abs(float(torch.trapezoid(rho, grid)) - 1) < 1e-3
+    # The density's mean is the average of qᵀAq over unit probes: tr(A)/n within its spread,
+    # Var(qᵀAq) = 2 (mean(λ²) - mean(λ)²) / (n + 2) for q uniform on the sphere.
+    mean = float(torch.trapezoid(grid * rho, grid))
+    spread = (2 * float((exact ** 2).mean() - exact.mean() ** 2) / (op.n + 2) / probes) ** 0.5
+    assert abs(mean - float(exact.mean())) < 4 * spread
+    assert 4 * spread < float(exact.abs().max())  # the check is not vacuous
+
+
 # --- argument errors --------------------------------------------------------------------------
 
 A10 = torch.eye(10, dtype=F64)
@@ -388,7 +478,22 @@ ERRORS = [
      "ncfast.hessian.network_hvp: params must select at least one parameter, got none"),
     (lambda: hessian.network_hvp(make_mlp(0), nn.functional.cross_entropy, *batch(0))[0](
         torch.zeros(5, dtype=F64)), ValueError,
-     "ncfast.hessian.network_hvp: hvp's argument must have shape [63], got [5]"),
+     "ncfast.hessian.network_hvp: the vector must have shape [63], got [5]"),
+    (lambda: hessian.network_operator(make_mlp(0), nn.functional.cross_entropy,
+                                      iter([batch(0)])), TypeError,
+     "ncfast.hessian.network_operator: data must be re-iterable (a DataLoader or a list of "
+     "batches), got list_iterator"),
+    (lambda: hessian.network_operator(make_mlp(0), nn.functional.cross_entropy, [batch(0)],
+                                      curvature="fisher"), ValueError,
+     "ncfast.hessian.network_operator: curvature must be 'hessian' or 'gauss_newton', got "
+     "'fisher'"),
+    (lambda: hessian.network_operator(make_mlp(0), nn.functional.cross_entropy,
+                                      [batch(0)[0]])(torch.zeros(63, dtype=F64)), ValueError,
+     "ncfast.hessian.network_operator: every batch must be a pair (inputs, targets), got "
+     "Tensor"),
+    (lambda: hessian.network_operator(make_mlp(0), nn.functional.cross_entropy,
+                                      [])(torch.zeros(63, dtype=F64)), ValueError,
+     "ncfast.hessian.network_operator: data yielded no samples"),
 ]
 
 
