@@ -153,8 +153,8 @@ def test_unsigned_or_foreign_files_are_refused(copy, edit, match):
     (lambda r: r["rng"].__setitem__("python", [3, [1, 2], None]),
      r"the checkpoint's RNG state is malformed \((ValueError|TypeError)"),
     (lambda r: r["config"]["optim"].__setitem__("lr", -1.0),
-     r"the config stored in '.*checkpoint.pt' is invalid \(config key 'optim.lr' must be > 0, "
-     r"got -1.0\)"),
+     r"the config stored in '.*checkpoint.pt' is invalid \(config key 'optim.lr' must be "
+     r"finite and > 0, got -1.0\)"),
     (lambda r: r["config"].__setitem__("config", {"x": 1}),
      r"the config stored in .* is invalid \(unknown config key 'config.x'"),
 ], ids=["no-optimizer", "no-rng", "epoch-str", "epoch-0", "empty-model", "wrong-shape",

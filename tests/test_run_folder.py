@@ -68,7 +68,8 @@ def test_a_file_in_the_way_is_never_replaced(tmp_path):
 @pytest.mark.parametrize("extra, error, match", [
     (["optim.lr=1e6", "loss.normalize=sample"], TrainingDiverged, r"training diverged in "
                                                                   r"epoch 1"),
-    (["data.name=digits", "data.num_classes=5"], ConfigError, r"data.num_classes=5 disagrees with the data"),
+    (["data.name=digits", "data.num_classes=5"], ConfigError,
+     r"data.num_classes=5 disagrees with the data"),
     (["data.name=cifar10", "data.dir=/nonexistent"], ConfigError, r"no usable data set"),
 ], ids=["diverges", "wrong-class-count", "missing-data"])
 def test_overwrite_that_fails_leaves_the_old_run_byte_for_byte(old_run, extra, error, match):

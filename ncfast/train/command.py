@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CONFIG, CheckpointError
-from .config import ConfigError, dump, key_infos, list_presets, load
+from .config import ConfigError, dump, file_exists, key_infos, list_presets, load
 
 
 def keys_table() -> str:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume and config is None:  # continue the run as it was configured
             named = load(None, overrides)
             saved = Path(named.runs_dir) / named.name / CONFIG
-            config = str(saved) if saved.is_file() else None
+            config = str(saved) if file_exists(saved) else None
         cfg = load(config, overrides)
         if args.print_config:
             print(dump(cfg), end="")

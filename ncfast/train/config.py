@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,12 +136,43 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
 }
-POSITIVE = ("epochs", "checkpoint_every", "data.batch_size", "data.eval_batch_size",
-            "track.every", "schedule.step_epochs", "optim.lbfgs_history",
-            "optim.lbfgs_max_iter", "data.gaussian_dim", "data.gaussian_train_per_class",
-            "data.gaussian_test_per_class")
-NON_NEGATIVE = ("data.num_classes", "data.workers", "data.image_size", "model.feature_dim",
-                "optim.weight_decay", "optim.momentum", "schedule.min_lr")
+INT_MAX = 2**31 - 1  # sizes and counts stay within C int (torch, numpy, the kernels)
+# (keys, test, rule): every numeric key has one (a test checks), so no value fails later
+RULES = [
+    (("epochs", "checkpoint_every", "data.batch_size", "data.eval_batch_size", "track.every",
+      "schedule.step_epochs", "optim.lbfgs_history", "optim.lbfgs_max_iter",
+      "data.gaussian_dim", "data.gaussian_train_per_class", "data.gaussian_test_per_class"),
+     lambda v: 1 <= v <= INT_MAX, "in [1, 2^31 - 1]"),
+    (("data.workers", "data.image_size", "model.feature_dim"),
+     lambda v: 0 <= v <= INT_MAX, "in [0, 2^31 - 1]"),
+    (("data.num_classes",), lambda v: v == 0 or 2 <= v <= INT_MAX,
+     "0 (taken from the data) or in [2, 2^31 - 1] (a classifier needs two classes)"),
+    (("seed",), lambda v: 0 <= v <= 2**32 - 1, "in [0, 2^32 - 1]"),
+    (("optim.lr", "optim.eps", "schedule.gamma", "loss.k"),
+     lambda v: 0 < v < math.inf, "finite and > 0"),
+    (("optim.weight_decay", "schedule.min_lr", "data.gaussian_separation"),
+     lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    (("loss.M",), math.isfinite, "finite"),
+    (("optim.momentum",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("data.test_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
+    (("model.hidden",), lambda v: all(1 <= w <= INT_MAX for w in v),
+     "a list of widths in [1, 2^31 - 1]"),
+    (("optim.betas",), lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+     "two numbers in [0, 1)"),
+]
+NAME_BYTES = 200  # a folder name, with room for the run's hidden lock and staging names
+
+
+def _show(value: Any) -> str:
+    """A value for a message: its repr, cut short (a YAML alias bomb or a 300-character name
+    must not flood the terminal)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 80
+    short.maxlist = short.maxtuple = short.maxdict = 8
+    short.maxlevel = 3
+    return short.repr(value)
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -172,6 +204,19 @@ def key_infos(cls=TrainConfig, prefix: str = "") -> list[KeyInfo]:
             infos.append(KeyInfo(prefix + name, kind, getattr(defaults, name),
                                  f.metadata.get("help", "")))
     return infos
+
+
+def _hints(cls=TrainConfig, prefix: str = "") -> dict[str, Any]:
+    hints = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            hints.update(_hints(hint, f"{prefix}{name}."))
+        else:
+            hints[prefix + name] = hint
+    return hints
+
+
+_HINTS = _hints()
 
 
 def all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
@@ -224,12 +269,29 @@ def _coerce(key: str, value: Any, hint) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return [_coerce(key, v, item) for v in value]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         raise AssertionError(f"unhandled config type {hint} for {key}")
-    name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"config key {key!r} must be {name}, got {value!r}")
+    raise ConfigError(f"config key {key!r} must be {_type_name(hint)}, got {_show(value)}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return f"list[{typing.get_args(hint)[0].__name__}]"
+    return hint.__name__
+
+
+def _has_type(value: Any, hint) -> bool:
+    """Whether ``value`` is already of the config type ``hint`` (an int is a float)."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def _set(cfg, key: str, value: Any) -> None:
@@ -252,49 +314,76 @@ def _set(cfg, key: str, value: Any) -> None:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested dict (YAML, or a config as a dict) as {dotted key: value}."""
+    """A nested dict (YAML, or a config as a dict) as {dotted key: value}. Sections hold
+    values, never further sections, so a YAML alias that refers to itself (or a bomb of
+    aliases) stops at the second level."""
     flat = {}
     for key, value in tree.items():
         if not isinstance(key, str):
-            raise ConfigError(f"config keys must be strings, got {key!r}")
+            raise ConfigError(f"config keys must be strings, got {_show(key)}")
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            if prefix:
+                raise ConfigError(f"config key {prefix + key!r} must be a value, not a mapping "
+                                  f"(sections hold keys, not sections)")
+            flat.update(flatten(value, f"{key}."))
         else:
             flat[prefix + key] = value
     return flat
 
 
+def _check_name(name: str) -> None:
+    rule = None
+    if not name or name in (".", "..") or name.startswith("."):
+        rule = "a folder name, not empty and not starting with '.'"
+    elif any(c in name for c in "/\\") or not name.isprintable():
+        rule = "a folder name, without '/', '\\' or control characters"
+    else:
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            rule = "a folder name in UTF-8"
+        else:
+            if size > NAME_BYTES:
+                rule = f"a folder name of at most {NAME_BYTES} bytes ({size} given)"
+    if rule:
+        raise ConfigError(f"config key 'name' must be {rule}, got {_show(name)}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Choices, ranges and combinations; raises ConfigError naming the key."""
+    """Types, choices, ranges and combinations of every key, so that no value fails later (or
+    inside torch); raises ConfigError naming the key, the rule and the value."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     flat = flatten(to_dict(cfg))
+    for key, hint in _HINTS.items():
+        value = flat[key]
+        if not _has_type(value, hint):
+            raise ConfigError(f"config key {key!r} must be {_type_name(hint)}, got "
+                              f"{_show(value)}")
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"config key {key!r} must not hold a NUL character, got "
+                              f"{_show(value)}")
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
-                              f"got {flat[key]!r}")
-    for key in POSITIVE:
-        if not flat[key] >= 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {flat[key]!r}")
-    for key in NON_NEGATIVE:
-        if not flat[key] >= 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]!r}")
-    if not cfg.optim.lr > 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr!r}")
-    if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got "
-                          f"{cfg.data.test_fraction!r}")
-    if not cfg.loss.k > 0:
-        raise ConfigError(f"config key 'loss.k' must be > 0, got {cfg.loss.k!r}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"config key 'optim.betas' must have two entries, got "
-                          f"{cfg.optim.betas!r}")
+                              f"got {_show(flat[key])}")
+    for keys, test, rule in RULES:
+        for key in keys:
+            if not test(flat[key]):
+                raise ConfigError(f"config key {key!r} must be {rule}, got {_show(flat[key])}")
+    _check_name(cfg.name)
+    if not cfg.runs_dir:
+        raise ConfigError("config key 'runs_dir' must be a folder, got ''")
     if cfg.loss.name == "ce" and (cfg.loss.k != 1.0 or cfg.loss.M != 1.0):
         raise ConfigError("config keys 'loss.k' and 'loss.M' apply to mse/rescaled_mse, "
                           "not to loss.name='ce'")
     if cfg.loss.name == "mse" and (cfg.loss.k != 1.0 or cfg.loss.M != 1.0):
         raise ConfigError("loss.name='mse' is k = M = 1; use loss.name='rescaled_mse' to set "
                           f"loss.k={cfg.loss.k:g} and loss.M={cfg.loss.M:g}")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError(f"config key 'name' must be a folder name, got {cfg.name!r}")
+    if cfg.schedule.name == "cosine" and cfg.schedule.min_lr > cfg.optim.lr:
+        raise ConfigError(f"config key 'schedule.min_lr' must be <= optim.lr ({cfg.optim.lr:g}) "
+                          f"with schedule.name='cosine' (the lr would rise), got "
+                          f"{cfg.schedule.min_lr!r}")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -335,21 +424,30 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
     tree: dict = {}
     if path is not None:
         file = Path(path)
-        if not file.is_file():
+        if not file_exists(file):
             presets = list_presets()
             if path in presets:
                 file = presets[path]
             else:
                 close = difflib.get_close_matches(path, list(presets), n=1)
                 hint = f"; did you mean preset {close[0]!r}?" if close else ""
-                raise ConfigError(f"config file {path!r} does not exist and is not a preset "
+                raise ConfigError(f"config file {_show(path)} does not exist and is not a preset "
                                   f"name{hint} (ncfast train --list-presets)")
+        where = _show(str(file))
         try:
-            tree = yaml.safe_load(file.read_text()) or {}
+            tree = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {where} is not UTF-8 text (byte {err.start}: "
+                              f"{err.reason})") from None
+        except OSError as err:
+            raise ConfigError(f"config file {where} cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {where} is not valid YAML: {err}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {where} is nested too deeply to be a config") \
+                from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(file)!r} must hold a mapping, got "
+            raise ConfigError(f"config file {where} must hold a mapping, got "
                               f"{type(tree).__name__}")
     if isinstance(overrides, dict):
         parsed = dict(overrides)
@@ -363,13 +461,21 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
     return from_dict(tree, parsed)
 
 
+def file_exists(path: Path) -> bool:
+    """Path.is_file, with a name the OS refuses (too long, NUL) as no file."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _yaml_scalar(text: str) -> Any:
     """'0.1' -> 0.1, 'true' -> True, '[1, 2]' -> [1, 2], anything else stays a string."""
     import yaml
 
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 

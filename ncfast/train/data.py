@@ -67,7 +67,12 @@ def digits(cfg: DataConfig, seed: int) -> Splits:
     for k in range(10):
         idx = (y == k).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        test_idx.append(idx[: round(len(idx) * cfg.test_fraction)])
+        held_out = round(len(idx) * cfg.test_fraction)
+        if not 0 < held_out < len(idx):
+            raise ConfigError(f"config key 'data.test_fraction' must leave every class a "
+                              f"training and a test image, got {cfg.test_fraction!r} (class {k} "
+                              f"would keep {held_out} of its {len(idx)} images for the test set)")
+        test_idx.append(idx[:held_out])
     test_mask = torch.zeros(len(y), dtype=torch.bool)
     test_mask[torch.cat(test_idx)] = True
     return _tensor_splits(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], 10)
@@ -172,6 +177,9 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         splits = image_folder(cfg)
     else:
         splits = torchvision_dataset(cfg)
+    if splits.num_classes < 2:
+        raise ConfigError(f"data.name={cfg.name!r} has {splits.num_classes} class(es); a "
+                          f"classifier needs at least 2")
     if cfg.num_classes and cfg.num_classes != splits.num_classes:
         raise ConfigError(f"data.num_classes={cfg.num_classes} disagrees with the data: "
                           f"data.name={cfg.name!r} has {splits.num_classes} classes")

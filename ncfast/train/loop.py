@@ -246,9 +246,10 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
             raise ValueError(f"its schedule is at epoch {scheduler.last_epoch}, the checkpoint "
                              f"at epoch {saved['epoch']}")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        detail = " ".join(str(err).split())  # torch's load_state_dict message spans lines
         raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(path)!r} does not fit this "
-                                   f"model ({type(err).__name__}: {' '.join(str(err).split())}); the "
-                                   f"run folder is unchanged") from None
+                                   f"model ({type(err).__name__}: {detail}); the run folder is "
+                                   f"unchanged") from None
     ckpt.set_rng_state(saved["rng"])
     return saved["epoch"], saved["train_time"], saved["track_time"]
 
@@ -276,6 +277,12 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     train_loader, train_eval_loader, test_loader = loaders(
         splits, cfg.data, cfg.seed, d.rank, d.world, device.type == "cuda")
     model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(device)
+    last_batch = len(splits.train) // d.world % (cfg.data.batch_size // d.world)
+    if last_batch == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                               for m in model.modules()):
+        raise ConfigError(f"config key 'data.batch_size' must not leave a last training batch of "
+                          f"one sample per process with BatchNorm ({len(splits.train)} training "
+                          f"samples), got {cfg.data.batch_size}")
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
