@@ -16,6 +16,10 @@ _UPDATE = "ncfast.ClassStats.update"
 class NonFiniteFeaturesError(ValueError):
     """A batch with NaN/Inf features, or features too large for the state dtype."""
 
+
+class StatisticsOverflowError(NonFiniteFeaturesError):
+    """Batches that each fit the state dtype, but whose accumulated sums overflow it."""
+
 STATE_VERSION = 1
 CHECK_MODES = (True, False, "immediate", "deferred")
 
@@ -126,6 +130,7 @@ class ClassStats:
         # Deferred checks: [batches left out, then for the first of them: its number, row,
         # label, max |h|], on the device until a read of the state looks at it.
         self._rejected = torch.zeros(5, device=self.device, dtype=torch.float64)
+        self._state_checked = True  # False once the sums changed: _settle checks them
 
     def _check_nc4(self, weight, bias, means):
         if weight is None and bias is None and means is None:
@@ -236,26 +241,46 @@ class ClassStats:
 
     def _settle(self) -> None:
         """Before any read: fold the staged rows in, then report batches that deferred checks
-        left out (one host read)."""
+        left out, and a state whose sums overflowed (one host read, only when something
+        changed since the last one)."""
         self._flush()
-        if self._checks != "deferred":
+        deferred = self._checks == "deferred"
+        if self._state_checked and not deferred:
             return
-        left_out, batch, row, label, peak = self._rejected.tolist()
-        if not left_out:
-            return
-        self._rejected.zero_()
-        others = "" if left_out == 1 else f" ({int(left_out) - 1} later bad batches too)"
-        where = (f"{_UPDATE}: batch {int(batch)} (counted from the last reset) was left out of "
+        flags = self._rejected if deferred else self._rejected.new_zeros(5)
+        if not self._state_checked:  # every row passed its check, yet the sums may not fit
+            finite = (self._sums.isfinite().all() & self._sq.isfinite().all()
+                      & self._gram.isfinite().all())
+            flags = torch.cat([flags, finite.double()[None]])
+        left_out, batch, row, label, peak, *finite = flags.tolist()
+        self._state_checked = True
+        if left_out:
+            self._rejected.zero_()
+            self._state_checked = False  # the overflow check is still due
+            self._raise_left_out(int(left_out), int(batch), int(row), label, peak)
+        if finite and not finite[0]:
+            self._state_checked = False  # raise again at every read until a reset
+            raise StatisticsOverflowError(
+                f"ncfast.ClassStats: the accumulated sums overflowed {self.dtype} after "
+                f"{int(self._counts.sum())} samples: every batch passed the per-row check "
+                f"(max |h| <= {self._magnitude_limit():.3g}), but their sums of squares do not "
+                f"fit together; reset() and accumulate with dtype=torch.float64, or scale the "
+                f"features down")
+
+    def _raise_left_out(self, left_out: int, batch: int, row: int, label: float,
+                        peak: float) -> None:
+        others = "" if left_out == 1 else f" ({left_out - 1} later bad batches too)"
+        where = (f"{_UPDATE}: batch {batch} (counted from the last reset) was left out of "
                  f"the statistics{others}: ")
         if not 0 <= label < self.num_classes:
             raise ValueError(f"{where}labels must be in [0, {self.num_classes}), got "
-                             f"{int(label)} in row {int(row)}")
+                             f"{int(label)} in row {row}")
         if peak != peak or peak == float("inf"):
             raise NonFiniteFeaturesError(f"{where}features must be finite, got a NaN or Inf in "
-                                         f"row {int(row)}")
+                                         f"row {row}")
         raise NonFiniteFeaturesError(
             f"{where}features are too large for {self.dtype} statistics: max |h| = {peak:.3g} "
-            f"> {self._magnitude_limit():.3g} in row {int(row)} (squared norms overflow)")
+            f"> {self._magnitude_limit():.3g} in row {row} (squared norms overflow)")
 
     def _magnitude_limit(self) -> float:
         """The largest |h| whose squared norms (of h - c, up to ||2h||^2) fit the state dtype."""
@@ -313,6 +338,7 @@ class ClassStats:
         self._sums += sums
         self._sq += sq
         self._accumulate_gram(shifted)
+        self._state_checked = False
         if self.device.type == "cpu" and not self._all_seen:  # a free read on the CPU only
             self._all_seen = bool(self._counts.all())
 
@@ -363,17 +389,19 @@ class ClassStats:
 
     @property
     def means(self) -> Tensor:
-        """(K, d) class means mu_k; rows of classes with no sample are zero."""
+        """(K, d) class means mu_k = c_k + S_k / n_k in float64, never rounded to the state
+        dtype (a large common offset would cost NC1 three digits in float32); rows of classes
+        with no sample are zero."""
         self._settle()
-        n = self._counts.clamp(min=1).to(self.dtype)[:, None]
-        return torch.where(self._present()[:, None], self._shift + self._sums / n, 0)
+        n = self._counts.clamp(min=1).double()
+        present = self._present()[:, None]
+        return torch.where(present, self._shift.double() + self._sums.double() / n[:, None], 0)
 
     def _centred(self) -> tuple[Tensor, Tensor, Tensor]:
         """(mu, M2, per-class sum ||h - mu_k||^2) in float64."""
-        self._settle()
+        mu = self.means
         n = self._counts.clamp(min=1).double()
         s = self._sums.double() * self._present()[:, None]
-        mu = torch.where(self._present()[:, None], self._shift.double() + s / n[:, None], 0)
         m2 = self._full_gram().double() - (s / n[:, None]).T @ s
         sq = self._sq.double() - (s * s).sum(1) / n
         return mu, m2, sq
@@ -423,6 +451,7 @@ class ClassStats:
         self._gram = m2.to(**to)
         self._sq = sq.to(**to)
         self._all_seen = False
+        self._state_checked = False
 
     @torch.no_grad()
     def merge(self, other: "ClassStats") -> "ClassStats":
@@ -490,22 +519,63 @@ class ClassStats:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict``; K or d mismatch raises and leaves this accumulator as is."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"ncfast.ClassStats.load_state_dict: expected a ClassStats state "
-                             f"of version {STATE_VERSION}")
+        """Restore a ``state_dict``, all or nothing: keys, K and d, every tensor's shape, dtype
+        and device, counts >= 0 and finite sums are checked before the state is touched; any
+        failure raises (TypeError/ValueError naming the entry) and leaves this accumulator as
+        it was. Tensors on the CPU or this accumulator's device are accepted (and copied)."""
+        op = "ncfast.ClassStats.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{op}: state must be a dict (from state_dict()), got "
+                            f"{type(state).__name__}")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{op}: expected a ClassStats state of version {STATE_VERSION}, "
+                             f"got version {state.get('version')!r}")
+        K, d = self.num_classes, self.dim
+        shapes = {"counts": (K,), "shift": (K, d), "sums": (K, d), "sq": (K,), "gram": (d, d),
+                  "nc4_mismatches": (), "nc4_total": ()}
+        missing = [key for key in ("num_classes", "dim", *shapes) if key not in state]
+        if missing:
+            raise ValueError(f"{op}: state lacks the entries {missing}")
+        for key in ("num_classes", "dim"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int):
+                raise TypeError(f"{op}: state[{key!r}] must be an int, got "
+                                f"{type(state[key]).__name__}")
         self._check_compatible("load_state_dict", state["num_classes"], state["dim"])
-        to = dict(device=self.device, dtype=self.dtype)
-        self._counts = state["counts"].to(device=self.device, dtype=torch.int64).clone()
-        self._shift = state["shift"].to(**to).clone()
-        self._sums = state["sums"].to(**to).clone()
-        self._sq = state["sq"].to(**to).clone()
-        self._gram = state["gram"].to(**to).clone()
+        new = {}
+        for key, shape in shapes.items():
+            t = state[key]
+            integral = key in ("counts", "nc4_mismatches", "nc4_total")
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: state[{key!r}] must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{op}: state[{key!r}] must have shape {list(shape)}, got "
+                                 f"{list(t.shape)}")
+            allowed = (torch.int64, torch.int32) if integral else (torch.float32, torch.float64)
+            if t.dtype not in allowed:
+                raise TypeError(f"{op}: state[{key!r}] must have dtype "
+                                f"{' or '.join(map(str, allowed))}, got {t.dtype}")
+            if t.device.type != "cpu" and t.device != self.device:
+                raise ValueError(f"{op}: state[{key!r}] must be on the CPU or on {self.device}, "
+                                 f"got {t.device}")
+            t = t.detach().to(device=self.device, dtype=torch.int64 if integral else self.dtype,
+                              copy=True)
+            bad = (t < 0).any() if integral else ~t.isfinite().all()
+            if bool(bad):
+                rule = ">= 0" if integral else f"finite in {self.dtype}"
+                raise ValueError(f"{op}: state[{key!r}] must be {rule}, got "
+                                 f"{t.min().item() if integral else 'NaN or Inf'}")
+            new[key] = t
+        if bool(new["nc4_mismatches"] > new["nc4_total"]):
+            raise ValueError(f"{op}: state['nc4_mismatches'] must be <= state['nc4_total'], got "
+                             f"{int(new['nc4_mismatches'])} > {int(new['nc4_total'])}")
+        # Everything checked: commit at once.
+        self._counts, self._shift, self._sums = new["counts"], new["shift"], new["sums"]
+        self._sq, self._gram = new["sq"], new["gram"]
+        self._nc4_mismatches, self._nc4_total = new["nc4_mismatches"], new["nc4_total"]
         self._all_seen = False
         self._pending, self._staged_batches = 0, []
         self._rejected.zero_()
-        self._nc4_mismatches = state["nc4_mismatches"].to(self.device).clone()
-        self._nc4_total = state["nc4_total"].to(self.device).clone()
+        self._state_checked = True
 
     def __repr__(self) -> str:
         return (f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, "

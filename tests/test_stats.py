@@ -78,7 +78,7 @@ def test_reduced_precision_features_accumulate_in_float32(device, dtype):
     feats, labels = mixture(4, 8, 50, 0.5, dtype=dtype)
     ref = reference.class_stats(feats.double(), labels, 4)
     stats = stream(feats, labels, 4, 32, device=device)
-    assert stats.sigma_w().dtype == torch.float64 and stats.means.dtype == torch.float32
+    assert stats.sigma_w().dtype == torch.float64 and stats.means.dtype == torch.float64
     assert rel(stats.sigma_w(), ref.sigma_w()) <= 1e-5
 
 
@@ -385,3 +385,109 @@ def test_wide_features_use_the_block_triangular_gram_exactly(device):
     clone.merge(stream(feats, labels, 3, 7, device=device, dtype=torch.float64))
     doubled = reference.class_stats(torch.cat([feats, feats]), torch.cat([labels, labels]), 3)
     assert_close(clone.sigma_w().cpu(), doubled.sigma_w(), rtol=1e-12, atol=1e-12)
+
+
+# ---- issue 11: unrounded means, overflow across batches, all-or-nothing load_state_dict
+
+@pytest.mark.parametrize("offset", [1e4, 1e5, -3e5], ids=["1e4", "1e5", "-3e5"])
+def test_float32_metrics_read_unrounded_means_under_a_large_common_offset(offset):
+    """Class means 1 apart on top of a common offset: float32 means rounded to the state dtype
+    cost NC1 and NC2 up to 1e-3 relative; read unrounded, they agree with the reference."""
+    K, d, n = 10, 32, 200
+    gen = torch.Generator().manual_seed(3)
+    means = torch.randn(K, d, generator=gen, dtype=torch.float64)
+    labels = torch.arange(K).repeat_interleave(n)
+    feats = (offset + means[labels] + 0.01 * torch.randn(K * n, d, generator=gen,
+                                                         dtype=torch.float64)).float()
+    ref = metrics.all_metrics(reference.class_stats(feats.double(), labels, K)).as_dict()
+    stats = stream(feats, labels, K, 64)
+    assert stats.means.dtype == torch.float64
+    got = metrics.all_metrics(stats).as_dict()
+    for key in ("nc1", "nc1_trace", "nc2_means", "equinorm_means", "cdnv"):
+        assert abs(got[key] / ref[key] - 1) <= 1e-6, key
+
+
+@pytest.mark.parametrize("checks", ["immediate", "deferred", False])
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 0.9), (torch.float64, 0.9)],
+                         ids=["float32", "float64"])
+def test_sums_that_overflow_across_batches_raise_naming_the_cause(checks, dtype, scale):
+    """Every row passes the per-row magnitude check, yet the sums of squares of several rows do
+    not fit the state dtype: the next read raises instead of returning inf/NaN metrics."""
+    K, d = 2, 4
+    stats = ncfast.ClassStats(K, d, dtype=dtype, check_inputs=checks)
+    limit = (torch.finfo(dtype).max / (4 * d)) ** 0.5
+    gen = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (40, d), generator=gen, dtype=torch.float64) * 2 - 1
+    feats = (scale * limit * signs).to(dtype)
+    labels = torch.arange(40) % K
+    for i in range(40):  # one row per batch: each passes on its own
+        stats.update(feats[i:i + 1], labels[i:i + 1])
+    message = (rf"ncfast.ClassStats: the accumulated sums overflowed {dtype} after 40 samples: "
+               r"every batch passed the per-row check .*reset\(\) and accumulate with "
+               r"dtype=torch.float64, or scale the features down")
+    for read in (lambda: stats.sigma_w(), lambda: stats.means, lambda: metrics.all_metrics(stats),
+                 lambda: stats.state_dict()):
+        with pytest.raises(ncfast.stats.StatisticsOverflowError, match=message):
+            read()
+    stats.reset()
+    stats.update(feats[:2] / limit, labels[:2])
+    assert torch.isfinite(stats.sigma_w()).all()
+
+
+def test_sums_that_fit_do_not_raise():
+    stats = stream(*mixture(3, 4, 20, 0.5), 3, 7)
+    for _ in range(3):
+        assert torch.isfinite(stats.sigma_w()).all() and stats.total.item() == 60
+
+
+def _corrupt(state, key, value):
+    state = dict(state)
+    if value is KeyError:
+        del state[key]
+    else:
+        state[key] = value(state[key]) if callable(value) else value
+    return state
+
+
+@pytest.mark.parametrize("key, value, exc, message", [
+    *[(k, KeyError, ValueError, rf"state lacks the entries \['{k}'\]")
+      for k in ("counts", "shift", "sums", "sq", "gram", "nc4_total", "num_classes")],
+    ("version", 2, ValueError, r"expected a ClassStats state of version 1, got version 2"),
+    ("num_classes", "4", TypeError, r"state\['num_classes'\] must be an int, got str"),
+    ("dim", 2, ValueError, r"needs num_classes=4 and dim=3, got num_classes=4 and dim=2"),
+    ("counts", lambda t: t[:3], ValueError, r"state\['counts'\] must have shape \[4\], got \[3\]"),
+    ("gram", lambda t: t.T[:2], ValueError, r"state\['gram'\] must have shape \[3, 3\], got "
+                                            r"\[2, 3\]"),
+    ("shift", lambda t: t.half(), TypeError, r"state\['shift'\] must have dtype torch.float32 "
+                                             r"or torch.float64, got torch.float16"),
+    ("counts", lambda t: t.float(), TypeError, r"state\['counts'\] must have dtype torch.int64 "
+                                               r"or torch.int32, got torch.float32"),
+    ("sums", [[0.0] * 3] * 4, TypeError, r"state\['sums'\] must be a tensor, got list"),
+    ("sq", lambda t: t.to("meta"), ValueError, r"state\['sq'\] must be on the CPU or on cpu, "
+                                               r"got meta"),
+    ("counts", lambda t: t - 100, ValueError, r"state\['counts'\] must be >= 0, got -9\d"),
+    ("gram", lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), ValueError,
+     r"state\['gram'\] must be finite in torch.float32, got NaN or Inf"),
+    ("sums", lambda t: t * float("inf"), ValueError, r"state\['sums'\] must be finite"),
+    ("nc4_mismatches", lambda t: t + 1, ValueError, r"state\['nc4_mismatches'\] must be <= "
+                                                    r"state\['nc4_total'\], got 1 > 0"),
+], ids=[*[f"missing-{k}" for k in ("counts", "shift", "sums", "sq", "gram", "nc4_total",
+                                    "num_classes")],
+        "version", "num-classes-str", "dim", "counts-shape", "gram-shape", "shift-fp16",
+        "counts-float", "sums-list", "sq-meta", "counts-negative", "gram-nan", "sums-inf",
+        "nc4-over-total"])
+def test_load_state_dict_is_all_or_nothing(key, value, exc, message):
+    stats = stream(*mixture(4, 3, 5, 0.1), 4, 6)
+    good = stream(*mixture(4, 3, 7, 0.3, seed=5), 4, 6).state_dict()
+    before, nc1 = _snapshot(stats), metrics.nc1(stats)
+    with pytest.raises(exc, match=r"ncfast.ClassStats.load_state_dict: " + message):
+        stats.load_state_dict(_corrupt(good, key, value))
+    _assert_same_state(before, _snapshot(stats))
+    assert metrics.nc1(stats) == nc1
+
+
+def test_load_state_dict_of_something_else_is_a_type_error():
+    stats = ncfast.ClassStats(4, 3)
+    for bad in (None, [1, 2], "state"):
+        with pytest.raises(TypeError, match=r"state must be a dict \(from state_dict\(\)\), got "):
+            stats.load_state_dict(bad)
