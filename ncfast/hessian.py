@@ -170,10 +170,19 @@ def _lanczos_run(op: str, hvp: HVP, q0: Tensor, num_iter: int, tol: float,
     alpha_h = alpha[:steps].to("cpu", _F64)
     beta_h = beta[:steps].to("cpu", _F64)
     hits = torch.nonzero(broken[:steps].cpu()).flatten()
-    if hits.numel():
-        m = int(hits[0]) + 1
-        return V, alpha_h[:m], beta_h[:m], m, True
-    return V, alpha_h, beta_h, steps, False
+    m = int(hits[0]) + 1 if hits.numel() else steps
+    _check_finite(op, alpha_h[:m], beta_h[:m])
+    return V, alpha_h[:m], beta_h[:m], m, bool(hits.numel())
+
+
+def _check_finite(op: str, *coefficients: Tensor) -> None:
+    """A NaN or Inf from the HVP would reach eigh (LinAlgError) or the result: name it."""
+    bad = ~torch.stack([torch.isfinite(c) for c in coefficients]).all(0)
+    if bool(bad.any()):
+        step = int(bad.nonzero()[0]) + 1
+        raise ValueError(f"{op}: hvp must return finite values, got NaN or Inf by product "
+                         f"{step} (check the operator at this point, e.g. a loss that "
+                         f"overflows)")
 
 
 def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
@@ -356,7 +365,11 @@ def hutchpp(
     top = torch.sum(Q * apply_cols(Q))
     PG = G - Q @ (Q.T @ G)
     rest = torch.sum(PG * apply_cols(PG)) / g
-    return float((top.to(_F64) + rest.to(_F64)).cpu())
+    estimate = float((top.to(_F64) + rest.to(_F64)).cpu())
+    if not math.isfinite(estimate):
+        raise ValueError(f"{op}: hvp must return finite values, got an estimate of {estimate} "
+                         f"(check the operator at this point, e.g. a loss that overflows)")
+    return estimate
 
 
 # --- stochastic Lanczos quadrature ------------------------------------------------------------

@@ -502,3 +502,45 @@ ERRORS = [
 def test_argument_errors(call, kind, message):
     with pytest.raises(kind, match="^" + re.escape(message) + "$"):
         call()
+
+
+# --- an operator that produces NaN or Inf (issue 11): a ValueError naming it, not LinAlgError
+
+
+def poisoned(A, value, after):
+    """A @ v, except that every product from the ``after``-th on holds ``value`` in entry 0."""
+    calls = [0]
+
+    def hvp(v):
+        calls[0] += 1
+        out = A @ v
+        if calls[0] >= after:
+            out = out.clone()
+            out[0] = value
+        return out
+    return hvp
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")],
+                         ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("after", [1, 4])
+@pytest.mark.parametrize("call", [
+    lambda hvp: hessian.lanczos(hvp, 30, k=2, num_iter=10, like=torch.zeros(1, dtype=F64),
+                                generator=gen(0)),
+    lambda hvp: hessian.slq_density(hvp, 30, num_probes=2, num_iter=8,
+                                    like=torch.zeros(1, dtype=F64), generator=gen(0)),
+], ids=["lanczos", "slq_density"])
+def test_non_finite_hvp_is_a_value_error_naming_the_product(call, value, after):
+    A = spectrum("gaussian-n50")[:30, :30]
+    with pytest.raises(ValueError, match=rf"hvp must return finite values, got NaN or Inf by "
+                                         rf"product {after} \(check the operator"):
+        call(poisoned(A, value, after))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_hvp_in_hutchpp_is_a_value_error(value):
+    A = spectrum("gaussian-n50")
+    with pytest.raises(ValueError, match=r"ncfast.hessian.hutchpp: hvp must return finite "
+                                         r"values, got an estimate of (nan|inf|-inf)"):
+        hessian.hutchpp(poisoned(A, value, 2), 50, 9, like=torch.zeros(1, dtype=F64),
+                        generator=gen(0))
