@@ -410,16 +410,16 @@ def test_float32_metrics_read_unrounded_means_under_a_large_common_offset(offset
 @pytest.mark.parametrize("checks", ["immediate", "deferred", False])
 @pytest.mark.parametrize("dtype, scale", [(torch.float32, 0.9), (torch.float64, 0.9)],
                          ids=["float32", "float64"])
-def test_sums_that_overflow_across_batches_raise_naming_the_cause(checks, dtype, scale):
+def test_sums_that_overflow_across_batches_raise_naming_the_cause(device, checks, dtype, scale):
     """Every row passes the per-row magnitude check, yet the sums of squares of several rows do
     not fit the state dtype: the next read raises instead of returning inf/NaN metrics."""
     K, d = 2, 4
-    stats = ncfast.ClassStats(K, d, dtype=dtype, check_inputs=checks)
+    stats = ncfast.ClassStats(K, d, device=device, dtype=dtype, check_inputs=checks)
     limit = (torch.finfo(dtype).max / (4 * d)) ** 0.5
     gen = torch.Generator().manual_seed(0)
     signs = torch.randint(0, 2, (40, d), generator=gen, dtype=torch.float64) * 2 - 1
-    feats = (scale * limit * signs).to(dtype)
-    labels = torch.arange(40) % K
+    feats = (scale * limit * signs).to(device=device, dtype=dtype)
+    labels = (torch.arange(40) % K).to(device)
     for i in range(40):  # one row per batch: each passes on its own
         stats.update(feats[i:i + 1], labels[i:i + 1])
     message = (rf"ncfast.ClassStats: the accumulated sums overflowed {dtype} after 40 samples: "
