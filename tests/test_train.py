@@ -261,8 +261,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_run_matches_one_process(tmp_path):
-    args = [*QUICK, f"runs_dir={tmp_path}", "epochs=3", "track.every=3"]
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["mlp", "mlp-batchnorm"])
+def test_two_process_gloo_run_matches_one_process(tmp_path, batch_norm):
+    """With BatchNorm the two processes normalise over the global batch (model.sync_batch_norm,
+    GlobalBatchNorm on CPU), so they train the one-process network."""
+    args = [*QUICK, f"runs_dir={tmp_path}", "epochs=3", "track.every=3",
+            f"model.batch_norm={batch_norm}"]
     single = cli(*args, "name=one", timeout=300)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

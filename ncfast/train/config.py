@@ -58,6 +58,8 @@ class ModelConfig:
     fixed_etf: bool = setting(False, "classifier fixed to a simplex ETF (not trained, not "
                               "decayed)")
     bias: bool = setting(True, "classifier bias")
+    sync_batch_norm: bool = setting(True, "under DDP: BatchNorm over the global batch "
+                                    "(nn.SyncBatchNorm on CUDA), as one process trains")
 
 
 @dataclass

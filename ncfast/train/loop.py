@@ -21,7 +21,7 @@ from .. import losses, measure
 from ..stats import NonFiniteFeaturesError
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import report
+from . import report, sync_batch_norm
 from .config import ConfigError, TrainConfig
 from .data import close_workers, load_splits, loaders
 from .models import build_model
@@ -283,6 +283,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
         raise ConfigError(f"config key 'data.batch_size' must not leave a last training batch of "
                           f"one sample per process with BatchNorm ({len(splits.train)} training "
                           f"samples), got {cfg.data.batch_size}")
+    if d.world > 1 and cfg.model.sync_batch_norm:
+        model = sync_batch_norm.convert(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
