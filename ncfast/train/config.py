@@ -36,6 +36,9 @@ class DataConfig:
     augment: str = setting("auto", "auto (the data set's standard), none, crop_flip, imagenet")
     image_size: int = setting(0, "imagefolder: crop size (0: 224; mini-ImageNet presets use 84)")
     workers: int = setting(0, "DataLoader worker processes")
+    decode: str = setting("cpu", "imagefolder training batches: cpu (PIL in the workers) or cuda "
+                          "(workers read the JPEG bytes; nvJPEG decode and augmentation on "
+                          "the GPU)")
     pin_memory: bool = setting(True, "pinned host memory for the loaders (on CUDA only)")
     persistent_workers: bool = setting(True, "keep loader workers alive between epochs "
                                        "(when workers > 0)")
@@ -82,6 +85,8 @@ class OptimConfig:
     eps: float = setting(1e-8, "adam/adamw: denominator epsilon")
     lbfgs_history: int = setting(10, "lbfgs: history size")
     lbfgs_max_iter: int = setting(20, "lbfgs: iterations per step")
+    lr_reference_batch: int = setting(0, "linear scaling: the lr is lr x data.batch_size / this "
+                                      "(0: lr as given)")
 
 
 @dataclass
@@ -90,6 +95,8 @@ class ScheduleConfig:
     step_epochs: int = setting(60, "step: multiply the lr by gamma every step_epochs epochs")
     gamma: float = setting(0.1, "step: the lr factor")
     min_lr: float = setting(0.0, "cosine: the final lr")
+    warmup_epochs: int = setting(0, "linear warm-up over this many epochs, per step (from the "
+                                 "unscaled lr when optim.lr_reference_batch is set)")
 
 
 @dataclass
@@ -98,6 +105,8 @@ class TrackConfig:
     test: bool = setting(True, "also measure the test set")
     nc4: bool = setting(True, "measure NC4 (a second sweep, of the model if the features "
                         "exceed 1 GiB)")
+    subset_per_class: int = setting(0, "measure the training set on this many samples per "
+                                    "class, a fixed subset drawn from seed (0: all of it)")
 
 
 @dataclass
@@ -116,6 +125,8 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels_last memory format (CUDA only)")
     compile: bool = setting(False, "torch.compile the model")
     checkpoint_every: int = setting(1, "write checkpoint.pt every N epochs (and at the end)")
+    checkpoint_every_steps: int = setting(0, "also write it every N optimisation steps, for an "
+                                          "exact mid-epoch resume (0: epoch ends only)")
     progress: bool = setting(True, "show a progress bar")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,6 +140,7 @@ CHOICES = {
     "data.name": ("digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "cifar100",
                   "imagefolder"),
     "data.augment": ("auto", "none", "crop_flip", "imagenet"),
+    "data.decode": ("cpu", "cuda"),
     "model.arch": ("mlp", "resnet18", "resnet34", "resnet50", "wrn28_10"),
     "model.stem": ("cifar", "imagenet"),
     "loss.name": ("ce", "mse", "rescaled_mse"),
@@ -145,7 +157,8 @@ RULES = [
       "schedule.step_epochs", "optim.lbfgs_history", "optim.lbfgs_max_iter",
       "data.gaussian_dim", "data.gaussian_train_per_class", "data.gaussian_test_per_class"),
      lambda v: 1 <= v <= INT_MAX, "in [1, 2^31 - 1]"),
-    (("data.workers", "data.image_size", "model.feature_dim"),
+    (("data.workers", "data.image_size", "model.feature_dim", "optim.lr_reference_batch",
+      "schedule.warmup_epochs", "track.subset_per_class", "checkpoint_every_steps"),
      lambda v: 0 <= v <= INT_MAX, "in [0, 2^31 - 1]"),
     (("data.num_classes",), lambda v: v == 0 or 2 <= v <= INT_MAX,
      "0 (taken from the data) or in [2, 2^31 - 1] (a classifier needs two classes)"),
@@ -386,6 +399,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'schedule.min_lr' must be <= optim.lr ({cfg.optim.lr:g}) "
                           f"with schedule.name='cosine' (the lr would rise), got "
                           f"{cfg.schedule.min_lr!r}")
+    if cfg.data.decode == "cuda" and cfg.data.name != "imagefolder":
+        raise ConfigError(f"config key 'data.decode' may be 'cuda' for data.name='imagefolder' "
+                          f"(JPEG files) only, got data.name={cfg.data.name!r}")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

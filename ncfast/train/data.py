@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import (DataLoader, Dataset, Sampler, Subset,
+                              TensorDataset)
 
 from .config import ConfigError, DataConfig
+from .gpu_decode import JpegFiles, collate_files
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -159,6 +161,13 @@ def image_folder(cfg: DataConfig) -> Splits:
     train_t, test_t = _transforms(cfg, IMAGENET_MEAN, IMAGENET_STD, size,
                                   "imagenet" if size >= 128 else "crop_flip")
     train = datasets.ImageFolder(str(train_dir), train_t)
+    if cfg.decode == "cuda":  # the workers read the files; the GPU decodes and augments
+        if (cfg.augment if cfg.augment != "auto" else
+                "imagenet" if size >= 128 else "crop_flip") != "imagenet":
+            raise ConfigError(f"config key 'data.decode' = 'cuda' implements data.augment="
+                              f"'imagenet' (random-resized crop and flip), got data.augment="
+                              f"{cfg.augment!r} at data.image_size={size}")
+        train = JpegFiles(train)
     train_eval = datasets.ImageFolder(str(train_dir), test_t)
     test = datasets.ImageFolder(str(test_dir), test_t)
     if test.classes != train.classes:
@@ -186,6 +195,85 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     return splits
 
 
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every label of ``dataset``, without loading its inputs (in-memory tensors, or the
+    ``targets`` list that torchvision's data sets and ImageFolder keep)."""
+    if isinstance(dataset, InMemory):
+        return dataset.tensors[1]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise ConfigError(f"track.subset_per_class needs the labels of the training set; "
+                          f"{type(dataset).__name__} does not list them (no .targets)")
+    return torch.as_tensor(targets, dtype=torch.int64)
+
+
+def class_subset(dataset: Dataset, per_class: int, seed: int) -> Dataset:
+    """A fixed subset of ``dataset``: ``per_class`` samples of every class (all of a smaller
+    class), drawn from ``seed`` alone and kept in the data set's order; ``per_class=0`` is the
+    data set itself."""
+    if per_class == 0:
+        return dataset
+    labels = labels_of(dataset)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for k in torch.unique(labels).tolist():
+        idx = (labels == k).nonzero().flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    index = torch.cat(chosen).sort().values
+    if isinstance(dataset, InMemory):
+        return InMemory(*(t[index] for t in dataset.tensors))
+    return Subset(dataset, index.tolist())
+
+
+class TrainOrder(Sampler):
+    """The training order of one process: a permutation of the n samples from (seed, epoch)
+    alone, cut to world * (n // world); rank r takes its positions r, r + world, ... (torch's
+    DistributedSampler with drop_last, so consecutive batches of b per rank together hold one
+    process's batch of world * b: 1 and several processes take the same steps). ``start``
+    skips the samples a resumed epoch has trained on already. ``keyed``: yields (index, epoch)
+    for SeededAugment."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, keyed: bool = False):
+        self.n, self.rank, self.world, self.seed, self.keyed = n, rank, world, seed, keyed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=gen)[: len(self) * self.world]
+        mine = order[self.rank::self.world][self.start:].tolist()
+        return iter([(i, self.epoch) for i in mine] if self.keyed else mine)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: a function of these alone."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) & (2**63 - 1)
+
+
+class SeededAugment(Dataset):
+    """A randomly augmented data set whose draws for sample i in epoch e come from (seed, e, i)
+    alone (torchvision's transforms draw from torch's generator, seeded here per sample, the
+    caller's generator left as it was): the same crops whatever the workers, the processes or
+    the point a run was resumed from. Indexed by (index, epoch) keys (TrainOrder(keyed=True))."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
 class Shard(Sampler[int]):
     """Positions rank, rank + world, ...: every sample exactly once across processes (the NC
     statistics are merged exactly, so no padding)."""
@@ -202,7 +290,8 @@ class Shard(Sampler[int]):
 
 def _loader(dataset, batch_size, sampler, cfg: DataConfig, cuda: bool, drop_last: bool):
     workers = cfg.workers
-    collate = _already_batched if isinstance(dataset, InMemory) else None
+    collate = (_already_batched if isinstance(dataset, InMemory) else
+               collate_files if isinstance(dataset, JpegFiles) else None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=cfg.pin_memory and cuda, drop_last=drop_last,
                       persistent_workers=cfg.persistent_workers and workers > 0,
@@ -216,13 +305,12 @@ def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, c
                           f"processes ({world})")
     per_rank = cfg.batch_size // world
     eval_batch = max(1, cfg.eval_batch_size // world)
-    # A permutation from (seed, epoch) alone; rank r takes its positions r, r + world, ... of
-    # the first world * (n // world) entries, so consecutive batches of b per rank together hold
-    # the samples of one process's batch of world * b: 1 and several processes take the same
-    # optimisation steps.
-    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=True)
-    train = _loader(splits.train, per_rank, sampler, cfg, cuda, drop_last=False)
+    train_set = splits.train
+    augmented = not isinstance(train_set, (InMemory, JpegFiles))  # JpegFiles: seeded per batch
+    if augmented:
+        train_set = SeededAugment(train_set, seed)
+    sampler = TrainOrder(len(train_set), rank, world, seed, keyed=augmented)
+    train = _loader(train_set, per_rank, sampler, cfg, cuda, drop_last=False)
     train_eval = _loader(splits.train_eval, eval_batch, Shard(len(splits.train_eval), rank, world),
                          cfg, cuda, drop_last=False)
     test = _loader(splits.test, eval_batch, Shard(len(splits.test), rank, world), cfg, cuda,

@@ -5,6 +5,7 @@ checkpoints and an exact --resume."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import report, sync_batch_norm
 from .config import ConfigError, TrainConfig
-from .data import close_workers, load_splits, loaders
+from .data import IMAGENET_MEAN, IMAGENET_STD, class_subset, close_workers, load_splits, loaders
+from .gpu_decode import GpuPipeline, JpegFiles
 from .models import build_model
 from .runfolder import RunFolder
 
@@ -88,16 +90,36 @@ def _loss_fn(cfg: config_mod.LossConfig):
                                                       normalize=cfg.normalize)
 
 
-def _optimizer(cfg: config_mod.OptimConfig, params):
+def peak_lr(cfg: TrainConfig) -> float:
+    """optim.lr, scaled linearly with the batch when optim.lr_reference_batch is set (Goyal et
+    al. 2017: lr x batch / reference)."""
+    ref = cfg.optim.lr_reference_batch
+    return cfg.optim.lr * cfg.data.batch_size / ref if ref else cfg.optim.lr
+
+
+def warmup_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The factor on the scheduled lr at optimisation step ``step`` (0-based, counted from the
+    start of training): a linear ramp over schedule.warmup_epochs, step by step, from the
+    unscaled lr (with linear scaling: Goyal et al.'s gradual warm-up) or from 0, reaching 1
+    at its last step."""
+    total = cfg.schedule.warmup_epochs * steps_per_epoch
+    if step >= total:
+        return 1.0
+    ref = cfg.optim.lr_reference_batch
+    start = min(1.0, ref / cfg.data.batch_size) if ref else 0.0
+    return start + (1.0 - start) * (step + 1) / total
+
+
+def _optimizer(cfg: config_mod.OptimConfig, params, lr: float):
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     if cfg.name in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        return cls(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
                    weight_decay=cfg.weight_decay)
     # L-BFGS has no weight decay: the closure adds 0.5 * wd * sum ||p||^2 (theory.md 6.1).
-    return torch.optim.LBFGS(params, lr=cfg.lr, history_size=cfg.lbfgs_history,
+    return torch.optim.LBFGS(params, lr=lr, history_size=cfg.lbfgs_history,
                              max_iter=cfg.lbfgs_max_iter, line_search_fn="strong_wolfe")
 
 
@@ -218,9 +240,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
 
 
 def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
-             ) -> tuple[int, float, float]:
+             ) -> tuple[int, float, float, "EpochProgress | None"]:
     """Load the checkpoint at ``path`` into the run's objects and the RNGs; returns (epoch,
-    train_time, track_time). Raises before any RNG changes if anything does not fit."""
+    train_time, track_time, where it stands within the next epoch). Raises before any RNG
+    changes if anything does not fit."""
     saved = ckpt.load(path)
     try:
         saved_cfg = config_mod.from_dict(saved["config"])
@@ -242,6 +265,8 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
+        within = saved.get("within_epoch")
+        within = None if within is None else EpochProgress(**within)
         if scheduler.last_epoch != saved["epoch"]:
             raise ValueError(f"its schedule is at epoch {scheduler.last_epoch}, the checkpoint "
                              f"at epoch {saved['epoch']}")
@@ -251,7 +276,7 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
                                    f"model ({type(err).__name__}: {detail}); the run folder is "
                                    f"unchanged") from None
     ckpt.set_rng_state(saved["rng"])
-    return saved["epoch"], saved["train_time"], saved["track_time"]
+    return saved["epoch"], saved["train_time"], saved["track_time"], within
 
 
 def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult:
@@ -274,6 +299,7 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
 
     # Everything that can fail on bad input happens before the run folder is touched.
     splits = load_splits(cfg.data, cfg.seed)
+    splits.train_eval = class_subset(splits.train_eval, cfg.track.subset_per_class, cfg.seed)
     train_loader, train_eval_loader, test_loader = loaders(
         splits, cfg.data, cfg.seed, d.rank, d.world, device.type == "cuda")
     model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(device)
@@ -288,15 +314,20 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg.optim, params)
+    optimizer = _optimizer(cfg.optim, params, peak_lr(cfg))
     scheduler = _scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     loss_fn = _loss_fn(cfg.loss)
     _autocast(cfg, device)  # raises for reduced precision on CPU
 
+    gpu = None
+    if isinstance(splits.train, JpegFiles):  # data.decode='cuda' (libjpeg on a CPU device)
+        gpu = GpuPipeline(device, splits.input_shape[-1], IMAGENET_MEAN, IMAGENET_STD, cfg.seed)
+
     start_epoch, records, train_time, track_time = 0, [], 0.0, 0.0
+    within = None  # where a mid-epoch checkpoint stands
     if resume:  # every check and load before the run folder is written to
-        start_epoch, train_time, track_time = _restore(
+        start_epoch, train_time, track_time, within = _restore(
             run_dir / ckpt.CHECKPOINT, cfg, model, optimizer, scheduler, scaler)
 
     if folder is not None:
@@ -319,8 +350,9 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
         print(f"ncfast train: {run_dir} | {cfg.model.arch} ({trainable:,} trainable parameters) "
               f"on {cfg.data.name} ({len(splits.train):,} train / {len(splits.test):,} test, "
               f"{splits.num_classes} classes) | {cfg.loss.name}, {cfg.optim.name} lr "
-              f"{cfg.optim.lr:g}, {cfg.epochs} epochs | {device.type} x {d.world}, "
-              f"{cfg.precision}" + (f" | resumed at epoch {start_epoch}" if resume else ""),
+              f"{peak_lr(cfg):g}, {cfg.epochs} epochs | {device.type} x {d.world}, "
+              f"{cfg.precision}" + (f" | resumed at epoch {start_epoch}" + (
+                  f", step {within.step} of the next" if within else "") if resume else ""),
               flush=True)
     metrics_file = (folder.path / ckpt.METRICS).open("a") if folder is not None else None
     tracked = _tracking_epochs(cfg)
@@ -340,13 +372,33 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
             emit(_measure_split(model, test_loader, loss_fn, device, cfg, "test", epoch))
         track_time += time.perf_counter() - start
 
+    def save(epoch: int, within: EpochProgress | None = None) -> None:
+        """checkpoint.pt after ``epoch`` whole epochs, and ``within`` the next one."""
+        ckpt.save(folder.path / ckpt.CHECKPOINT, {
+            "epoch": epoch, "config": config_mod.to_dict(cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": ckpt.rng_state(), "train_time": train_time, "track_time": track_time,
+            "within_epoch": None if within is None else dataclasses.asdict(within)})
+        folder.commit()  # --overwrite: the new run replaces the old one only now
+
+    every_steps = cfg.checkpoint_every_steps
+
+    def step_done(epoch: int, step: int, steps_per_epoch: int, progress_now) -> None:
+        """Every checkpoint_every_steps steps, a checkpoint inside the epoch (its last step
+        leaves the checkpoint to the epoch's end)."""
+        if (folder is not None and every_steps and step < steps_per_epoch
+                and ((epoch - 1) * steps_per_epoch + step) % every_steps == 0):
+            save(epoch - 1, progress_now())
+
     try:
-        if start_epoch == 0:
+        if start_epoch == 0 and within is None:
             track(0)
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            seconds, loss_mean, acc, samples = _train_epoch(
-                cfg, net, params, train_loader, optimizer, scaler, loss_fn, device, epoch,
-                progress, d)
+            seconds, loss_mean, acc, samples, lr = _train_epoch(
+                cfg, net, params, train_loader, gpu, optimizer, scaler, loss_fn, device, epoch,
+                progress, d, within, step_done)
+            within = None
             train_time += seconds
             finite_weights = bool(torch.stack([t.isfinite().all() for t in model.state_dict()
                                                .values() if t.is_floating_point()]).all())
@@ -357,7 +409,6 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
                     f"training diverged in epoch {epoch}: {what}; lower optim.lr (now "
                     f"{cfg.optim.lr:g}). The run folder keeps the checkpoint of the last "
                     f"finished epoch")
-            lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             emit({"kind": "train", "epoch": epoch, "loss": loss_mean, "accuracy": acc,
                   "lr": lr, "seconds": seconds, "samples_per_s": samples / seconds})
@@ -370,15 +421,12 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
                     progress.epoch_done("  NC " + "  ".join(
                         f"{r['split']}: acc {r['accuracy']:.4f} NC1 {report.fmt(r['nc1'])}"
                         for r in last))
-            if folder is not None and (epoch % cfg.checkpoint_every == 0
-                                       or epoch == cfg.epochs):
-                ckpt.save(folder.path / ckpt.CHECKPOINT, {
-                    "epoch": epoch, "config": config_mod.to_dict(cfg),
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": ckpt.rng_state(), "train_time": train_time,
-                    "track_time": track_time})
-                folder.commit()  # --overwrite: the new run replaces the old one only now
+            steps_done = epoch * len(train_loader)
+            step_due = every_steps and steps_done // every_steps > (
+                steps_done - len(train_loader)) // every_steps
+            if folder is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+                                       or step_due):
+                save(epoch)
     finally:
         if metrics_file is not None:
             metrics_file.close()
@@ -397,23 +445,46 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     return RunResult(run_dir, records, final, train_time, track_time)
 
 
-def _train_epoch(cfg, net, params, loader, optimizer, scaler, loss_fn, device, epoch,
-                 progress, d: _Dist):
+@dataclass
+class EpochProgress:
+    """Where a checkpoint written inside an epoch stands: ``step`` batches trained, and the
+    epoch's running sums so far (plain numbers)."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, device, epoch,
+                 progress, d: _Dist, within: EpochProgress | None, step_done):
+    """One epoch, from ``within`` (a mid-epoch checkpoint's progress) when given; calls
+    ``step_done(epoch, step, steps_per_epoch, progress)`` after every step (``progress()``
+    reads the running sums: a host sync on CUDA, so only when a checkpoint needs them)."""
     net.train()
-    loader.sampler.set_epoch(epoch)
-    if loader.num_workers > 0:  # worker seeds from (seed, epoch), not from the global RNG
-        loader.generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+    within = within or EpochProgress()
+    loader.sampler.set_epoch(epoch, start=within.step * loader.batch_size)
+    # Loader seeds from (seed, epoch), not from the global generator (which a resumed epoch
+    # restores to its state at the checkpoint, after the loader was made).
+    loader.generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
     wd = cfg.optim.weight_decay
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    loss_sum = torch.tensor(within.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(within.correct, device=device, dtype=torch.int64)
+    seen = within.seen
     batches = len(loader)
-    start = time.perf_counter()
-    for i, (x, y) in enumerate(loader, 1):
+    start = time.perf_counter() - within.seconds
+    batches_iter = iter(loader) if gpu is None else gpu.batches(iter(loader), epoch, within.step)
+    lr = optimizer.param_groups[0]["lr"]
+    for i, (x, y) in enumerate(batches_iter, within.step + 1):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        warm = warmup_factor(cfg, (epoch - 1) * batches + i - 1, batches)
+        scheduled = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:  # the scheduler keeps stepping the unwarmed lr
+            group["lr"] *= warm
+        lr = optimizer.param_groups[0]["lr"]
         if cfg.optim.name == "lbfgs":
             first: list = []
 
@@ -437,12 +508,16 @@ def _train_epoch(cfg, net, params, loader, optimizer, scaler, loss_fn, device, e
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+        for group, value in zip(optimizer.param_groups, scheduled):
+            group["lr"] = value
         loss_sum += loss.detach().double() * y.numel()
         correct += (logits.argmax(1) == y).sum()
         seen += y.numel()
         if progress.tty:
             progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
                             time.perf_counter() - start, loss)
+        step_done(epoch, i, batches, lambda: EpochProgress(
+            i, float(loss_sum), int(correct), seen, time.perf_counter() - start))
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
                                                                    dtype=torch.float64)])
     if d.world > 1:
@@ -451,4 +526,4 @@ def _train_epoch(cfg, net, params, loader, optimizer, scaler, loss_fn, device, e
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     n = float(totals[2])
-    return seconds, float(totals[0]) / n, float(totals[1]) / n, int(n)
+    return seconds, float(totals[0]) / n, float(totals[1]) / n, int(n), lr

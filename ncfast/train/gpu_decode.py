@@ -1,0 +1,189 @@
+"""data.decode='cuda': the ImageFolder training pipeline on the GPU. Loader workers only read the
+JPEG files; each batch is decoded by one batched nvJPEG call (torchvision.io.decode_jpeg) and
+random-resized-cropped, flipped and normalised on the device, a batch ahead of the training step
+on a side stream. The augmentation runs on any device (its tests run on the CPU) and draws its
+randomness from a CPU generator seeded by (seed, epoch, step): runs repeat, and resume
+mid-epoch, exactly."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not installed here);
+# the GPU machine's torchvision 0.26 has them without the warning.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
+                        "TorchVision", category=DeprecationWarning)
+
+# torchvision's RandomResizedCrop defaults (Szegedy et al.'s Inception crop)
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+class JpegFiles(Dataset):
+    """An ImageFolder's training samples as raw file bytes (uint8 tensors) and labels: all a
+    loader worker does on the GPU path."""
+
+    def __init__(self, folder):
+        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label
+
+
+def collate_files(batch):
+    """A batch of files stays a list (the images differ in size until they are decoded)."""
+    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+
+
+def batch_seed(seed: int, epoch: int, step: int) -> int:
+    """The augmentation seed of one batch: a function of (seed, epoch, step) alone."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + step) & (2**63 - 1)
+
+
+def crop_boxes(sizes: Sequence[tuple[int, int]], generator: torch.Generator,
+               scale=SCALE, ratio=RATIO) -> torch.Tensor:
+    """(B, 4) int64 boxes (top, left, height, width), one per (height, width) in ``sizes``, drawn
+    as torchvision's RandomResizedCrop.get_params draws them (ten tries at an area fraction in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``, else the central crop of the clamped
+    ratio), for the whole batch at once; the randomness comes from ``generator`` alone."""
+    hw = torch.tensor(sizes, dtype=torch.float64).reshape(-1, 2)
+    H, W = hw[:, :1], hw[:, 1:]
+    B = len(hw)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * torch.rand(B, 10, generator=generator,
+                                                                  dtype=torch.float64))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(B, 10, generator=generator,
+                                                               dtype=torch.float64))
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.to(torch.int8).argmax(1, keepdim=True)  # the first try that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    H, W = H[:, 0], W[:, 0]
+    # No try fits: the central crop, its ratio clamped to the range (torchvision's fallback).
+    in_ratio = W / H
+    fw = torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W)
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    fits = ok.any(1)
+    w, h = torch.where(fits, w, fw), torch.where(fits, h, fh)
+    u = torch.rand(B, 2, generator=generator, dtype=torch.float64)
+    top = torch.where(fits, torch.floor(u[:, 0] * (H - h + 1)), torch.floor((H - h) / 2))
+    left = torch.where(fits, torch.floor(u[:, 1] * (W - w + 1)), torch.floor((W - w) / 2))
+    return torch.stack([top, left, h, w], 1).to(torch.int64)
+
+
+def augment(images: Sequence[torch.Tensor], size: int, mean: Sequence[float],
+            std: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip + ToTensor + Normalize(mean, std) of a
+    list of uint8 (3, H, W) images of any sizes, on their device: a (B, 3, size, size) float32
+    batch. Bilinear resizing with antialiasing, as PIL resizes on the CPU path (without its
+    rounding to uint8 in between)."""
+    device = images[0].device
+    boxes = crop_boxes([tuple(img.shape[1:]) for img in images], generator).tolist()
+    flips = torch.rand(len(images), generator=generator) < 0.5
+    out = torch.empty(len(images), 3, size, size, device=device)
+    for i, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
+        crop = img[None, :, top:top + h, left:left + w].float()
+        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                               antialias=True)[0]
+    flipped = flips.nonzero().flatten().to(device)
+    if len(flipped):
+        out[flipped] = out[flipped].flip(-1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    return out.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+
+
+def decode(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes -> uint8 RGB (3, H, W) images on ``device``: one batched nvJPEG call on CUDA
+    (libjpeg on the CPU). Grayscale and CMYK files come out as RGB."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+
+
+class GpuPipeline:
+    """The training batches of a JpegFiles loader, decoded and augmented on ``device``."""
+
+    def __init__(self, device: torch.device, size: int, mean, std, seed: int):
+        self.device, self.size, self.mean, self.std, self.seed = device, size, mean, std, seed
+
+    def batch(self, files, labels, epoch: int, step: int):
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, step))
+        x = augment(decode(files, self.device), self.size, self.mean, self.std, gen)
+        return x, labels.to(self.device, non_blocking=True)
+
+    def batches(self, loader_iter: Iterator, epoch: int, first_step: int) -> Iterator:
+        """(x, y) on the device for steps first_step, first_step + 1, ... of ``epoch``; on CUDA
+        prepared a batch ahead, on a side stream, by a thread (the decode calls release the
+        GIL), so decoding overlaps the training step."""
+        if self.device.type != "cuda":
+            for step, (files, labels) in enumerate(loader_iter, first_step):
+                yield self.batch(files, labels, epoch, step)
+            return
+        yield from _prefetched(self, loader_iter, epoch, first_step)
+
+
+_DONE = object()
+
+
+def _prefetched(pipe: GpuPipeline, loader_iter: Iterator, epoch: int, first_step: int):
+    side = torch.cuda.Stream(pipe.device)
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        """Hand ``item`` over unless the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        torch.cuda.set_device(pipe.device)
+        try:
+            for step, (files, labels) in enumerate(loader_iter, first_step):
+                with torch.cuda.stream(side):
+                    x, y = pipe.batch(files, labels, epoch, step)
+                    event = torch.cuda.Event()
+                    event.record(side)
+                if not offer((x, y, event)):
+                    return
+            offer(_DONE)
+        except BaseException as err:  # raised again in the training loop's thread
+            offer(err)
+
+    thread = threading.Thread(target=produce, name="ncfast-gpu-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            x, y, event = item
+            current = torch.cuda.current_stream(pipe.device)
+            current.wait_event(event)
+            x.record_stream(current)  # made on the side stream, freed after the main one
+            y.record_stream(current)
+            yield x, y
+    finally:
+        stop.set()
+        thread.join()
