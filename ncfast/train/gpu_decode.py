@@ -86,13 +86,16 @@ def crop_boxes(sizes: Sequence[tuple[int, int]], generator: torch.Generator,
 
 
 def augment(images: Sequence[torch.Tensor], size: int, mean: Sequence[float],
-            std: Sequence[float], generator: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size) + RandomHorizontalFlip + ToTensor + Normalize(mean, std) of a
+            std: Sequence[float], generator: torch.Generator, scale=SCALE,
+            ratio=RATIO) -> torch.Tensor:
+    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip + ToTensor + Normalize(mean,
+    std) of a
     list of uint8 (3, H, W) images of any sizes, on their device: a (B, 3, size, size) float32
     batch. Bilinear resizing with antialiasing, as PIL resizes on the CPU path (without its
     rounding to uint8 in between)."""
     device = images[0].device
-    boxes = crop_boxes([tuple(img.shape[1:]) for img in images], generator).tolist()
+    boxes = crop_boxes([tuple(img.shape[1:]) for img in images], generator, scale,
+                       ratio).tolist()
     flips = torch.rand(len(images), generator=generator) < 0.5
     out = torch.empty(len(images), 3, size, size, device=device)
     for i, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
