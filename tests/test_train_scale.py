@@ -1,0 +1,166 @@
+"""`ncfast train` at scale: checkpoints every N steps with an exact mid-epoch resume, the training
+order and per-sample augmentation seeds, NC tracking on a per-class subset, linear lr scaling
+with warm-up, and the data.decode='cuda' path end to end (on the CPU here)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_train import QUICK, cli, quick, strip_times
+
+from ncfast.train import ConfigError, load, run
+from ncfast.train import checkpoint as ckpt
+from ncfast.train.data import (SeededAugment, TrainOrder, class_subset, load_splits,
+                               sample_seed)
+from ncfast.train.loop import peak_lr, warmup_factor
+
+
+def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    """Checkpoints every 7 steps (150 steps an epoch, epoch-end checkpoints only at the end):
+    the run is killed with SIGKILL after a mid-epoch checkpoint, during the per-step warm-up of
+    a linearly scaled lr, and resumed from that step."""
+    args = [*QUICK, f"runs_dir={tmp_path}", "epochs=3", "data.gaussian_train_per_class=150",
+            "data.batch_size=10", "checkpoint_every=100", "checkpoint_every_steps=7",
+            "optim.lr_reference_batch=5", "schedule.warmup_epochs=2"]
+    full = cli(*args, "name=full", timeout=300)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "ncfast", "train", *args, "name=killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not checkpoint.is_file():
+        time.sleep(0.01)
+    time.sleep(0.05)  # a few steps past the checkpoint: those are trained again on resume
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = ckpt.load(checkpoint)
+    assert 0 < saved["within_epoch"]["step"] < 150, "the checkpoint was written inside an epoch"
+    resumed = cli(*args, "name=killed", "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = ckpt.read_metrics(tmp_path / "full" / "metrics.jsonl")
+    b = ckpt.read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert strip_times(a) == strip_times(b)
+    lrs = [r["lr"] for r in a if r["kind"] == "train"]
+    assert lrs[0] == pytest.approx(0.75) and lrs[1:] == [1.0, 1.0], "warm-up from 0.5 to 1"
+    state_a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    state_b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    for key in state_a["model"]:
+        assert torch.equal(state_a["model"][key], state_b["model"][key]), key
+    assert state_b["within_epoch"] is None
+
+
+def test_training_order_is_torch_distributed_samplers_and_resumes_at_a_position():
+    from torch.utils.data import DistributedSampler
+
+    n = 103
+    for world in (1, 3):
+        for rank in range(world):
+            ours = TrainOrder(n, rank, world, seed=6)
+            ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                     seed=6, drop_last=True)
+            ours.set_epoch(4)
+            ref.set_epoch(4)
+            order = list(ours)
+            assert order == list(ref) and len(ours) == len(ref)
+            ours.set_epoch(4, start=10)
+            assert list(ours) == order[10:]
+    keyed = TrainOrder(n, 0, 1, seed=6, keyed=True)
+    keyed.set_epoch(2)
+    plain = TrainOrder(n, 0, 1, seed=6)
+    plain.set_epoch(2)
+    assert list(keyed) == [(i, 2) for i in plain]
+
+
+def test_augmentation_seeds_are_per_sample_and_leave_the_callers_generator_alone():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(3) + i
+
+    data = SeededAugment(Noisy(), seed=6)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = data[(3, 1)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a, data[(3, 1)])
+    assert not torch.equal(a, data[(3, 2)]) and not torch.equal(a - 3, data[(2, 1)] - 2)
+    assert len({sample_seed(6, e, i) for e in range(4) for i in range(1000)}) == 4000
+
+
+def test_nc_tracking_on_a_fixed_per_class_subset(tmp_path):
+    cfg = quick(tmp_path, "epochs=1", "track.every=1", "track.subset_per_class=5")
+    result = run(cfg)
+    samples = [(r["split"], r["samples"]) for r in result.records if r["kind"] == "nc"]
+    assert samples == [("train", 50), ("test", 200)] * 2, "the test set stays whole"
+    train_eval = load_splits(cfg.data, cfg.seed).train_eval
+    subset = class_subset(train_eval, 5, seed=6)
+    assert torch.bincount(subset.tensors[1]).tolist() == [5] * 10
+    assert torch.equal(subset.tensors[0], class_subset(train_eval, 5, seed=6).tensors[0])
+    assert not torch.equal(subset.tensors[0], class_subset(train_eval, 5, seed=7).tensors[0])
+    assert class_subset(train_eval, 0, seed=6) is train_eval
+    assert len(class_subset(train_eval, 1000, seed=6)) == 800, "small classes are kept whole"
+
+    class Files(torch.utils.data.Dataset):  # an ImageFolder-like set: labels in .targets
+        targets = [0, 1, 1, 2, 2, 2]
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return i, self.targets[i]
+
+    picked = class_subset(Files(), 2, seed=1)
+    assert sorted(y for _, y in picked) == [0, 1, 1, 2, 2]
+
+
+def test_linear_lr_scaling_and_warm_up():
+    cfg = load("imagenet-resnet50")
+    assert (cfg.optim.lr, cfg.optim.lr_reference_batch, cfg.data.batch_size) == (0.1, 256, 1024)
+    assert peak_lr(cfg) == pytest.approx(0.4) and cfg.schedule.warmup_epochs == 5
+    steps = 1251
+    factors = [warmup_factor(cfg, s, steps) for s in (0, 5 * steps // 2, 5 * steps - 1,
+                                                     5 * steps)]
+    assert factors[0] == pytest.approx(0.25, abs=1e-3), "from the unscaled lr, 0.1"
+    assert factors[1] == pytest.approx(0.625, abs=1e-3) and factors[2:] == [1.0, 1.0]
+    plain = load(None, [*QUICK, "schedule.warmup_epochs=2"])
+    assert peak_lr(plain) == 0.5
+    assert [warmup_factor(plain, s, 4) for s in range(9)] == [
+        0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.0]
+
+
+def test_gpu_decode_path_trains_end_to_end_on_the_cpu(tmp_path):
+    """data.decode='cuda' on a CPU device: the workers read the JPEG bytes, torchvision.io
+    decodes with libjpeg, the device augmentation crops; NC tracking keeps the PIL path."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 6), ("val", 2)):
+        for k in range(2):
+            folder = tmp_path / "data" / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (40, 56) if i % 2 else (56, 40)
+                pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    args = [f"runs_dir={tmp_path}", "progress=false", "data.name=imagefolder",
+            f"data.dir={tmp_path / 'data'}", "data.image_size=32", "data.augment=imagenet",
+            "data.batch_size=4", "data.workers=1", "data.decode=cuda", "model.hidden=[16]",
+            "optim.lr=0.01", "epochs=1", "track.every=1", "device=cpu"]
+    result = run(load(None, args))
+    train = [r for r in result.records if r["kind"] == "train"]
+    assert len(train) == 1 and train[0]["samples_per_s"] > 0
+    assert result.final["train"]["samples"] == 12 and result.final["test"]["samples"] == 4
+    with pytest.raises(ConfigError, match=r"'data.decode' may be 'cuda' for "
+                                          r"data.name='imagefolder' \(JPEG files\) only, got "
+                                          r"data.name='digits'"):
+        load(None, ["data.decode=cuda"])
+    with pytest.raises(ConfigError, match=r"'data.decode' = 'cuda' implements data.augment="
+                                          r"'imagenet'.*got data.augment='auto' at "
+                                          r"data.image_size=32"):
+        run(load(None, [*args[:5], *args[6:], "name=crop-flip"]))
