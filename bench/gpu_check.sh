@@ -32,4 +32,9 @@ for bench in loss stats linear_loss train; do
     > "$OUT/$bench.log" 2>&1 || status=1
   tail -12 "$OUT/$bench.log"
 done
+# The input pipeline (bench/data.py: CPU workers vs nvJPEG decode, fed vs device-resident
+# ResNet-50): capped at 3 minutes; its data.log keeps each figure as it is measured.
+timeout "${DATA_BENCH_TIMEOUT:-170}" $PY -m bench.data --device cuda --out "$OUT/data.md" \
+  > "$OUT/data.log" 2>&1 || status=1
+tail -12 "$OUT/data.log"
 exit $status

@@ -134,9 +134,13 @@ def test_linear_lr_scaling_and_warm_up():
         0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.0]
 
 
-def test_gpu_decode_path_trains_end_to_end_on_the_cpu(tmp_path):
-    """data.decode='cuda' on a CPU device: the workers read the JPEG bytes, torchvision.io
-    decodes with libjpeg, the device augmentation crops; NC tracking keeps the PIL path."""
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_gpu_decode_path_trains_end_to_end(tmp_path, device):
+    """data.decode='cuda': the workers read the JPEG bytes, nvJPEG decodes (libjpeg on a CPU
+    device), the device augmentation crops, a batch ahead on CUDA; NC tracking keeps the PIL
+    path."""
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
@@ -151,10 +155,10 @@ def test_gpu_decode_path_trains_end_to_end_on_the_cpu(tmp_path):
     args = [f"runs_dir={tmp_path}", "progress=false", "data.name=imagefolder",
             f"data.dir={tmp_path / 'data'}", "data.image_size=32", "data.augment=imagenet",
             "data.batch_size=4", "data.workers=1", "data.decode=cuda", "model.hidden=[16]",
-            "optim.lr=0.01", "epochs=1", "track.every=1", "device=cpu"]
+            "optim.lr=0.01", "epochs=2", "track.every=2", f"device={device}"]
     result = run(load(None, args))
     train = [r for r in result.records if r["kind"] == "train"]
-    assert len(train) == 1 and train[0]["samples_per_s"] > 0
+    assert len(train) == 2 and all(r["samples_per_s"] > 0 for r in train)
     assert result.final["train"]["samples"] == 12 and result.final["test"]["samples"] == 4
     with pytest.raises(ConfigError, match=r"'data.decode' may be 'cuda' for "
                                           r"data.name='imagefolder' \(JPEG files\) only, got "

@@ -36,6 +36,9 @@ RUN_FILES = (CONFIG, METRICS, PLOT, "checkpoint*.pt", ".*.tmp")
 # refused by name). Add new entries here.
 FIELDS = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
           "scaler": dict, "rng": dict, "train_time": float, "track_time": float}
+# A checkpoint written inside an epoch (checkpoint_every_steps) also holds "within_epoch": the
+# steps trained of the next epoch and its running sums (loop.EpochProgress).
+WITHIN_EPOCH = {"step", "loss_sum", "correct", "seen", "seconds"}
 
 
 class CheckpointError(RuntimeError):
@@ -202,8 +205,15 @@ def _read(path: Path) -> dict:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"checkpoint {where}: entry {key!r} must be "
                                   f"{kind.__name__}, got {type(value).__name__}")
-    if payload["epoch"] < 1:
-        raise CheckpointError(f"checkpoint {where}: entry 'epoch' must be >= 1, got "
+    within = payload.get("within_epoch")  # a checkpoint written inside the next epoch
+    if within is not None and not (isinstance(within, dict) and set(within) == WITHIN_EPOCH
+                                   and isinstance(within["step"], int) and within["step"] >= 1):
+        raise CheckpointError(f"checkpoint {where}: entry 'within_epoch' must be None or a "
+                              f"dict of {', '.join(sorted(WITHIN_EPOCH))} with step >= 1, got "
+                              f"{within!r}")
+    least = 0 if within is not None else 1
+    if payload["epoch"] < least:
+        raise CheckpointError(f"checkpoint {where}: entry 'epoch' must be >= {least}, got "
                               f"{payload['epoch']}")
     return payload
 
