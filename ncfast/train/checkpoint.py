@@ -8,6 +8,7 @@ keeps the one before it as ``checkpoint-previous.pt``."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,9 +37,21 @@ RUN_FILES = (CONFIG, METRICS, PLOT, "checkpoint*.pt", ".*.tmp")
 # refused by name). Add new entries here.
 FIELDS = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
           "scaler": dict, "rng": dict, "train_time": float, "track_time": float}
-# A checkpoint written inside an epoch (checkpoint_every_steps) also holds "within_epoch": the
-# steps trained of the next epoch and its running sums (loop.EpochProgress).
-WITHIN_EPOCH = {"step", "loss_sum", "correct", "seen", "seconds"}
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Where a checkpoint written inside an epoch (checkpoint_every_steps) stands: ``step``
+    batches of the next epoch trained, and that epoch's running sums over every process so far.
+    Stored as the entry "within_epoch" (a plain dict), None at an epoch's end."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+WITHIN_EPOCH = {f.name for f in dataclasses.fields(EpochProgress)}
 
 
 class CheckpointError(RuntimeError):

@@ -240,7 +240,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
 
 
 def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
-             ) -> tuple[int, float, float, "EpochProgress | None"]:
+             ) -> tuple[int, float, float, ckpt.EpochProgress | None]:
     """Load the checkpoint at ``path`` into the run's objects and the RNGs; returns (epoch,
     train_time, track_time, where it stands within the next epoch). Raises before any RNG
     changes if anything does not fit."""
@@ -266,7 +266,7 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         within = saved.get("within_epoch")
-        within = None if within is None else EpochProgress(**within)
+        within = None if within is None else ckpt.EpochProgress(**within)
         if scheduler.last_epoch != saved["epoch"]:
             raise ValueError(f"its schedule is at epoch {scheduler.last_epoch}, the checkpoint "
                              f"at epoch {saved['epoch']}")
@@ -372,7 +372,7 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
             emit(_measure_split(model, test_loader, loss_fn, device, cfg, "test", epoch))
         track_time += time.perf_counter() - start
 
-    def save(epoch: int, within: EpochProgress | None = None) -> None:
+    def save(epoch: int, within: ckpt.EpochProgress | None = None) -> None:
         """checkpoint.pt after ``epoch`` whole epochs, and ``within`` the next one."""
         ckpt.save(folder.path / ckpt.CHECKPOINT, {
             "epoch": epoch, "config": config_mod.to_dict(cfg),
@@ -387,9 +387,11 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     def step_done(epoch: int, step: int, steps_per_epoch: int, progress_now) -> None:
         """Every checkpoint_every_steps steps, a checkpoint inside the epoch (its last step
         leaves the checkpoint to the epoch's end)."""
-        if (folder is not None and every_steps and step < steps_per_epoch
+        if (every_steps and step < steps_per_epoch
                 and ((epoch - 1) * steps_per_epoch + step) % every_steps == 0):
-            save(epoch - 1, progress_now())
+            within = progress_now()  # under DDP a collective: every rank takes part
+            if folder is not None:
+                save(epoch - 1, within)
 
     try:
         if start_epoch == 0 and within is None:
@@ -445,25 +447,17 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     return RunResult(run_dir, records, final, train_time, track_time)
 
 
-@dataclass
-class EpochProgress:
-    """Where a checkpoint written inside an epoch stands: ``step`` batches trained, and the
-    epoch's running sums so far (plain numbers)."""
-    step: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-
-
 def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, device, epoch,
-                 progress, d: _Dist, within: EpochProgress | None, step_done):
+                 progress, d: _Dist, within: ckpt.EpochProgress | None, step_done):
     """One epoch, from ``within`` (a mid-epoch checkpoint's progress) when given; calls
     ``step_done(epoch, step, steps_per_epoch, progress)`` after every step (``progress()``
-    reads the running sums: a host sync on CUDA, so only when a checkpoint needs them)."""
+    sums the running sums over the processes: a host sync, so only when a checkpoint needs
+    them). A checkpoint's sums are those of every process: rank 0 resumes with them."""
     net.train()
-    within = within or EpochProgress()
+    within = within or ckpt.EpochProgress()
     loader.sampler.set_epoch(epoch, start=within.step * loader.batch_size)
+    if d.rank != 0:
+        within = dataclasses.replace(within, loss_sum=0.0, correct=0, seen=0)
     # Loader seeds from (seed, epoch), not from the global generator (which a resumed epoch
     # restores to its state at the checkpoint, after the loader was made).
     loader.generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
@@ -516,14 +510,20 @@ def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, devi
         if progress.tty:
             progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
                             time.perf_counter() - start, loss)
-        step_done(epoch, i, batches, lambda: EpochProgress(
-            i, float(loss_sum), int(correct), seen, time.perf_counter() - start))
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
-                                                                   dtype=torch.float64)])
-    if d.world > 1:
-        dist.all_reduce(totals)
+        step_done(epoch, i, batches, lambda: ckpt.EpochProgress(
+            i, *_summed(loss_sum, correct, seen, d), time.perf_counter() - start))
+    loss_total, correct_total, n = _summed(loss_sum, correct, seen, d)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    n = float(totals[2])
-    return seconds, float(totals[0]) / n, float(totals[1]) / n, int(n), lr
+    return seconds, loss_total / n, correct_total / n, n, lr
+
+
+def _summed(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, d: _Dist
+            ) -> tuple[float, int, int]:
+    """An epoch's running sums (loss, correct, samples) over every process."""
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(
+        float(seen), device=loss_sum.device, dtype=torch.float64)])
+    if d.world > 1:
+        dist.all_reduce(totals)
+    return float(totals[0]), int(totals[1]), int(totals[2])
