@@ -27,6 +27,7 @@ bench: build
 	$(PY) -m bench.hvp --device cpu --out bench/results/hvp-cpu.md
 	$(PY) -m bench.train --device cpu --out bench/results/train-cpu.md
 	$(PY) -m bench.linear_loss --device cpu --out bench/results/linear-loss-cpu.md
+	$(PY) -m bench.data --device cpu --out bench/results/data-cpu.md
 
 # On a GPU machine with no network: builds offline against its torch, runs the CUDA tests and
 # the benchmarks, writes everything into OUT.

@@ -225,34 +225,44 @@ def test_divergence_is_an_error_that_keeps_the_last_checkpoint(tmp_path):
         run(quick(tmp_path, "optim.lr=1e6", "loss.normalize=sample"))
 
 
-def test_resume_after_sigkill_mid_epoch_ends_exactly_like_an_uninterrupted_run(tmp_path):
-    args = [*QUICK, f"runs_dir={tmp_path}", "epochs=4", "data.gaussian_train_per_class=150",
-            "data.batch_size=10"]
+def killed_then_resumed(tmp_path, args, ready) -> dict:
+    """Train ``args`` to the end as name=full, and as name=killed: SIGKILL once ``ready(run
+    folder)`` holds and a few steps more, then --resume. Both must end alike, bit for bit
+    (metrics but their timings, and the weights). Returns the checkpoint it resumed from."""
     full = cli(*args, "name=full", timeout=300)
     assert full.returncode == 0, full.stderr
     proc = subprocess.Popen([sys.executable, "-m", "ncfast", "train", *args, "name=killed"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    killed = tmp_path / "killed"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # kill inside epoch 2
-        if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 1:
-            time.sleep(0.05)
-            break
-        time.sleep(0.02)
+    while time.time() < deadline and proc.poll() is None and not ready(killed):
+        time.sleep(0.01)
+    time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = ckpt.load(tmp_path / "killed" / "checkpoint.pt")["epoch"]
-    assert killed_at < 4
+    saved = ckpt.load(killed / "checkpoint.pt")
     resumed = cli(*args, "name=killed", "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     a = ckpt.read_metrics(tmp_path / "full" / "metrics.jsonl")
-    b = ckpt.read_metrics(metrics)
+    b = ckpt.read_metrics(killed / "metrics.jsonl")
     assert strip_times(a) == strip_times(b)
     state_a = ckpt.load(tmp_path / "full" / "checkpoint.pt")["model"]
-    state_b = ckpt.load(tmp_path / "killed" / "checkpoint.pt")["model"]
+    state_b = ckpt.load(killed / "checkpoint.pt")["model"]
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
+    return saved
+
+
+def test_resume_after_sigkill_mid_epoch_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    args = [*QUICK, f"runs_dir={tmp_path}", "epochs=4", "data.gaussian_train_per_class=150",
+            "data.batch_size=10"]
+
+    def in_epoch_2(run):
+        metrics = run / "metrics.jsonl"
+        return metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 1
+
+    assert killed_then_resumed(tmp_path, args, in_epoch_2)["epoch"] < 4
 
 
 def _free_port() -> int:

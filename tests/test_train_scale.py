@@ -2,14 +2,9 @@
 order and per-sample augmentation seeds, NC tracking on a per-class subset, linear lr scaling
 with warm-up, and the data.decode='cuda' path end to end (on the CPU here)."""
 
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
-from test_train import QUICK, cli, quick, strip_times
+from test_train import QUICK, killed_then_resumed, quick
 
 from ncfast.train import ConfigError, load, run
 from ncfast.train import checkpoint as ckpt
@@ -25,32 +20,13 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     args = [*QUICK, f"runs_dir={tmp_path}", "epochs=3", "data.gaussian_train_per_class=150",
             "data.batch_size=10", "checkpoint_every=100", "checkpoint_every_steps=7",
             "optim.lr_reference_batch=5", "schedule.warmup_epochs=2"]
-    full = cli(*args, "name=full", timeout=300)
-    assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "ncfast", "train", *args, "name=killed"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not checkpoint.is_file():
-        time.sleep(0.01)
-    time.sleep(0.05)  # a few steps past the checkpoint: those are trained again on resume
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = ckpt.load(checkpoint)
+    saved = killed_then_resumed(tmp_path, args, lambda run: (run / "checkpoint.pt").is_file())
     assert 0 < saved["within_epoch"]["step"] < 150, "the checkpoint was written inside an epoch"
-    resumed = cli(*args, "name=killed", "--resume", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    a = ckpt.read_metrics(tmp_path / "full" / "metrics.jsonl")
-    b = ckpt.read_metrics(tmp_path / "killed" / "metrics.jsonl")
-    assert strip_times(a) == strip_times(b)
-    lrs = [r["lr"] for r in a if r["kind"] == "train"]
+    final = ckpt.load(tmp_path / "killed" / "checkpoint.pt")
+    assert final["within_epoch"] is None
+    lrs = [r["lr"] for r in ckpt.read_metrics(tmp_path / "full" / "metrics.jsonl")
+           if r["kind"] == "train"]
     assert lrs[0] == pytest.approx(0.75) and lrs[1:] == [1.0, 1.0], "warm-up from 0.5 to 1"
-    state_a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    state_b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
-    for key in state_a["model"]:
-        assert torch.equal(state_a["model"][key], state_b["model"][key]), key
-    assert state_b["within_epoch"] is None
 
 
 def test_training_order_is_torch_distributed_samplers_and_resumes_at_a_position():

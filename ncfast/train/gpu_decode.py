@@ -122,6 +122,9 @@ class GpuPipeline:
     """The training batches of a JpegFiles loader, decoded and augmented on ``device``."""
 
     def __init__(self, device: torch.device, size: int, mean, std, seed: int):
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the prefetch thread sets it
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.size, self.mean, self.std, self.seed = device, size, mean, std, seed
 
     def batch(self, files, labels, epoch: int, step: int):
