@@ -28,6 +28,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._pairs import check_tile, pair_reductions
+
 __all__ = [
     "ClassStatistics",
     "EmptyClassError",
@@ -380,25 +382,10 @@ def _bias_norm(W: Tensor, b: Tensor | None, mu_g: Tensor) -> float:
     return torch.linalg.vector_norm(out).item()
 
 
-def _cdnv(op: str, means: Tensor, v: Tensor, tile: int) -> float:
-    K = means.shape[0]
-    means = means - means.mean(0)  # distances are shift-invariant; centring limits cancellation
-    sq = (means * means).sum(1)
-    total = torch.zeros((), dtype=_F64, device=means.device)
-    for i0 in range(0, K, tile):
-        i1 = min(i0 + tile, K)
-        rows = torch.arange(i1 - i0, device=means.device)
-        d2 = (sq[i0:i1, None] + sq[None, :] - 2.0 * (means[i0:i1] @ means.T)).clamp_min_(0.0)
-        d2[rows, rows + i0] = math.inf  # k = l is not a pair
-        # below the rounding of the expansion the two means cannot be told apart
-        zero = (d2 <= 8 * _EPS * (sq[i0:i1, None] + sq[None, :])).nonzero()
-        if zero.numel():
-            k, l = zero[0].tolist()
-            raise ValueError(
-                f"{op}: classes {[k + i0, l]} have the same mean; their CDNV is undefined"
-            )
-        total += ((v[i0:i1, None] + v[None, :]) / (2.0 * d2)).sum()
-    return (total / (K * (K - 1))).item()
+def _cdnv(op: str, means: Tensor, v: Tensor, tile: int, exponent: float = 1.0) -> float:
+    # distances are shift-invariant; subtracting the mean of the means limits cancellation
+    centred = means - means.mean(0)
+    return pair_reductions(op, centred, tile, v, exponents=(exponent,)).cdnv[exponent]
 
 
 def _nc4(op: str, stats: object) -> float | None:
@@ -589,21 +576,32 @@ def nc4(stats: ClassStatistics) -> float:
     return value
 
 
-def cdnv(stats: ClassStatistics, tile: int = 1024, classes: Classes = None) -> float:
+def cdnv(
+    stats: ClassStatistics,
+    tile: int | None = 1024,
+    classes: Classes = None,
+    distance_exponent: float = 1.0,
+) -> float:
     """Class-distance normalised variance (Galanti et al. 2022; theory.md 5.7)::
 
-        CDNV = mean over k != l of (v_k + v_l) / (2 ‖μ_k - μ_l‖^2)
+        CDNV_p = mean over k != l of (v_k + v_l) / (2 ‖μ_k - μ_l‖^(2p))
 
-    The pairs are reduced in tiles of ``tile`` rows (float64, ‖μ_k - μ_l‖^2 =
+    p = ``distance_exponent`` (1: Galanti et al.'s CDNV; a larger p discounts pairs that are
+    already far apart, as in Wu & Papyan's reference library). The K(K-1)/2 pairs are reduced
+    in tiles of ``tile`` rows of the means' Gram matrix (float64, ‖μ_k - μ_l‖^2 =
     ‖μ_k‖^2 + ‖μ_l‖^2 - 2 μ_k·μ_l after subtracting the mean of the means), so memory is
-    O(tile K), never K x K when K > tile. The result does not depend on ``tile`` beyond
-    rounding. Raises ValueError if two selected classes have the same mean.
+    O(tile K), never K x K when K > tile; ``None`` picks a tile of 2^24 entries. The result does
+    not depend on ``tile`` beyond rounding. Raises ValueError if two selected classes have the
+    same mean.
     """
     op = _name("cdnv")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"{op}: tile must be an int >= 1, got {tile!r}")
     prep = _prepare(op, stats, "weighted", classes)
-    return _cdnv(op, prep.means, _variances(op, stats, prep), tile)
+    tile = check_tile(op, tile, prep.means.shape[0])
+    if isinstance(distance_exponent, bool) or not isinstance(distance_exponent, (int, float)) \
+            or not math.isfinite(distance_exponent) or distance_exponent <= 0:
+        raise ValueError(f"{op}: distance_exponent must be a finite number > 0, got "
+                         f"{distance_exponent!r}")
+    return _cdnv(op, prep.means, _variances(op, stats, prep), tile, float(distance_exponent))
 
 
 @dataclass(frozen=True)
