@@ -1,6 +1,6 @@
 """Reductions over the K(K-1)/2 pairs of class means, in tiles of rows of their Gram matrix:
 memory O(tile K), never K x K (unless asked for the grid itself), never K x K x d. One Gram
-product per tile serves every pair metric (docs/theory.md 5.9)."""
+product per tile serves every pair metric (theory.md 5.10)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,25 @@ def check_tile(op: str, tile: int | None, K: int) -> int:
 @dataclass
 class _Moments:
     """Count, mean and sum of squared deviations of a stream of values, merged chunk by chunk
-    (Chan et al.), so the variance needs no second pass and no cancellation."""
+    (Chan et al.), so the variance needs no second pass and no cancellation. Values may come as
+    logarithms of their magnitudes (the Riesz energies overflow float64 for large s): they are
+    then kept relative to exp(``log_scale``), the largest seen so far."""
 
     n: int = 0
     mean: float = 0.0
     m2: float = 0.0
+    log_scale: float = 0.0
 
-    def add(self, values: Tensor) -> None:
+    def add(self, values: Tensor, log_magnitude: bool = False, sign: float = 1.0) -> None:
         nb = values.numel()
         if nb == 0:
             return
+        if log_magnitude:
+            top = float(values.max())
+            if self.n == 0 or top > self.log_scale:
+                shrink = math.exp(self.log_scale - top) if self.n else 0.0
+                self.mean, self.m2, self.log_scale = self.mean * shrink, self.m2 * shrink**2, top
+            values = sign * torch.exp(values - self.log_scale)
         mb = values.mean()
         m2b = ((values - mb) ** 2).sum()
         mb, m2b = float(mb), float(m2b)
@@ -48,6 +57,15 @@ class _Moments:
         self.mean += delta * nb / n
         self.m2 += m2b + delta * delta * self.n * nb / n
         self.n = n
+
+    def result(self) -> tuple[float, float]:
+        """(mean, population variance), rescaled (inf where float64 cannot hold them)."""
+        def scaled(x: float, power: int) -> float:
+            if x == 0.0 or self.log_scale == 0.0:
+                return x
+            log = power * self.log_scale + math.log(abs(x))
+            return math.copysign(math.exp(log) if log < 709.78 else math.inf, x)
+        return scaled(self.mean, 1), scaled(self.m2 / self.n, 2)
 
 
 @dataclass
@@ -60,11 +78,13 @@ class PairResult:
 
 
 def _kernel_values(name: str, dist2: Tensor, riesz_s: float) -> Tensor:
+    """The kernel on squared distances; for "riesz", the log of its magnitude, -(s/2) log d^2
+    (its sign is that of s)."""
     if name == "distance":
         return dist2.sqrt()
     if name == "log":  # log(1 / ||u_k - u_l||)
         return -0.5 * dist2.log()
-    return math.copysign(1.0, riesz_s) * dist2.pow(-0.5 * riesz_s)  # riesz
+    return (-0.5 * riesz_s) * dist2.log()  # riesz
 
 
 def pair_reductions(
@@ -125,9 +145,11 @@ def pair_reductions(
                 values = _kernel_values(name, udist2, s)
                 for chunk in chunks:  # the diagonal block's upper triangle, then all the rest
                     block, mask = values[:, chunk], pair[:, chunk]
-                    moments[name].add(block[mask] if chunk.start == 0 else block.reshape(-1))
+                    moments[name].add(block[mask] if chunk.start == 0 else block.reshape(-1),
+                                      log_magnitude=name == "riesz",
+                                      sign=math.copysign(1.0, s))
     pairs = K * (K - 1) / 2
     return PairResult(
         cdnv={p: float(total) / pairs for p, total in sums.items()},
-        kernels={name: (m.mean, m.m2 / m.n) for name, m in moments.items()},
+        kernels={name: m.result() for name, m in moments.items()},
     )

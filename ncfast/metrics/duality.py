@@ -1,5 +1,5 @@
 """Per-class duality between the classifier and the class means, and the orthogonality of
-out-of-distribution features (docs/theory.md 5.10): the per-class similarity and distance
+out-of-distribution features (theory.md 5.11): the per-class similarity and distance
 vectors, uniform duality (UNC3) and NC5. O(K d) from the class statistics."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def class_similarities(
     classes: Classes = None,
 ) -> Tensor:
     """(K,) float64 vector of ⟨w_k, μ_k - μ_G⟩ per class, or with ``cosine=True`` the cosine of
-    the angle between w_k and μ_k - μ_G (docs/theory.md 5.10). ``W`` (K, d) is used as given
+    the angle between w_k and μ_k - μ_G (theory.md 5.11). ``W`` (K, d) is used as given
     (pass ``W - W.mean(0)`` for the centred classifier); with ``classes`` the vector has one
     entry per selected class, in that order."""
     op = _name("class_similarities")
@@ -51,7 +51,7 @@ def class_distances(
     classes: Classes = None,
 ) -> Tensor:
     """(K,) float64 vector of ‖w_k/‖w_k‖ - (μ_k - μ_G)/‖μ_k - μ_G‖‖ per class (self-duality
-    class by class, docs/theory.md 5.10); ``normalized=False``: ‖w_k - (μ_k - μ_G)‖."""
+    class by class, theory.md 5.11); ``normalized=False``: ‖w_k - (μ_k - μ_G)‖."""
     op = _name("class_distances")
     prep = _prepare(op, stats, global_mean, classes)
     Wsel, Mc_rows = _weight(op, "W", W, prep.K, prep.d, prep), prep.Mc.T
@@ -68,7 +68,7 @@ def unc3(
     global_mean: str = "weighted",
     classes: Classes = None,
 ) -> float:
-    """Uniform duality, UNC3 (Wu & Papyan 2024; docs/theory.md 5.10): the variance over classes
+    """Uniform duality, UNC3 (Wu & Papyan 2024; theory.md 5.11): the variance over classes
     (divisor K - 1) of :func:`class_similarities`. 0 when every class is equally aligned with
     its classifier row; ``cosine=True`` removes the norms (the reference library's default is
     the inner product)."""
@@ -82,7 +82,7 @@ def nc5(
     centred: bool = False,
     classes: Classes = None,
 ) -> float:
-    """NC5, ID/OOD orthogonality (Ammar et al. 2024; docs/theory.md 5.10)::
+    """NC5, ID/OOD orthogonality (Ammar et al. 2024; theory.md 5.11)::
 
         NC5 = mean_k |cos(μ_k, μ_G^ood)|
 

@@ -1,4 +1,4 @@
-"""Metrics over pairs of class means at vocabulary scale (docs/theory.md 5.9): the
+"""Metrics over pairs of class means at vocabulary scale (theory.md 5.10): the
 hyperspherical-uniformity form of NC2 (GNC2) and the class interference grid, in tiles of rows
 of the means' Gram matrix, never a K x K x d tensor. CDNV (with its distance exponent) is
 :func:`ncfast.metrics.cdnv`, on the same tiled sweep."""
@@ -41,8 +41,8 @@ def gnc2(
     tile: int | None = None,
     riesz_s: float | None = None,
 ) -> dict[str, KernelStats]:
-    """GNC2, hyperspherical uniformity of the class means (Liu et al. 2023; docs/theory.md
-    5.9): with u_k = (μ_k - μ_G)/‖μ_k - μ_G‖, the mean and variance over pairs k < l of
+    """GNC2, hyperspherical uniformity of the class means (Liu et al. 2023; theory.md 5.10):
+    with u_k = (μ_k - μ_G)/‖μ_k - μ_G‖, the mean and variance over pairs k < l of
 
     - ``"distance"``: ‖u_k - u_l‖ (largest and uniform at a simplex ETF);
     - ``"log"``: log(1/‖u_k - u_l‖) (the logarithmic energy);

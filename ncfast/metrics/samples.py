@@ -1,5 +1,5 @@
 """Metrics that need every sample again, against the class means of a first pass
-(docs/theory.md 5.11): the cosine margin (mean and distribution), nearest-class-mean
+(theory.md 5.12): the cosine margin (mean and distribution), nearest-class-mean
 classification and the per-class nuclear/Frobenius ratio; and the feature mean of an
 out-of-distribution pass for NC5. Streaming states, never the features; exact across merge
 and all_reduce."""
@@ -50,7 +50,7 @@ class PerSampleStats:
     Built from the statistics of a complete first pass (``ClassStats`` after ``all_reduce``, or
     any :class:`ncfast.metrics.ClassStatistics`), it accumulates, batch by batch:
 
-    - with ``weight`` (K, d): the **cosine margin** of every sample (docs/theory.md 5.11),
+    - with ``weight`` (K, d): the **cosine margin** of every sample (theory.md 5.12),
       cos_i(y_i) - max_{j != y_i} cos_i(j), where cos_i(j) is the cosine between the centred
       feature h_i - μ_G and the centred classifier row w_j - w̄ (``margin="centred"``), or
       (``margin="official"``) the seed paper's code: the raw logit w_j·h_i over
@@ -244,7 +244,7 @@ class PerSampleStats:
         return torch.cat(self._margin_values).sort().values
 
     def nf_ratio(self, centred: bool = True, classes=None) -> float:
-        """Mean over classes of ‖X_k‖_* / ‖X_k‖_F (docs/theory.md 5.11), X_k the n_k x d matrix
+        """Mean over classes of ‖X_k‖_* / ‖X_k‖_F (theory.md 5.12), X_k the n_k x d matrix
         of class k's features centred by their class mean (``centred=False``: the raw features,
         as the seed paper's code). Between 1 (rank one) and sqrt(rank); small when a class
         collapses onto a line. ``classes``: indices or a mask of the classes to average (default

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..measurement import EXTRAS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key, the rule and the value."""
@@ -107,6 +109,8 @@ class TrackConfig:
                         "exceed 1 GiB)")
     subset_per_class: int = setting(0, "measure the training set on this many samples per "
                                     "class, a fixed subset drawn from seed (0: all of it)")
+    extras: list[str] = setting(["unc3"], "extra metrics (theory.md 5.10-5.12): unc3, gnc2, "
+                                "cosine_margin, ncc_accuracy, nf_ratio")
 
 
 @dataclass
@@ -402,6 +406,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.decode == "cuda" and cfg.data.name != "imagefolder":
         raise ConfigError(f"config key 'data.decode' may be 'cuda' for data.name='imagefolder' "
                           f"(JPEG files) only, got data.name={cfg.data.name!r}")
+    train_extras = [e for e in EXTRAS if e != "nc5"]  # NC5 needs OOD data: ncfast.measure
+    bad = [e for e in cfg.track.extras if e not in train_extras]
+    if bad:
+        raise ConfigError(f"config key 'track.extras' must list names from {train_extras}, "
+                          f"got {bad}")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

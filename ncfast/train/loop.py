@@ -189,7 +189,7 @@ def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
     # would swamp the within-class spread of a collapsed network, and with it NC1.
     try:
         m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
-                    loss_fn=loss_fn, undefined="none")
+                    loss_fn=loss_fn, undefined="none", extras=cfg.track.extras)
     except NonFiniteFeaturesError as err:
         raise TrainingDiverged(f"training diverged by epoch {epoch}: the {split} features are "
                                f"not finite in eval mode ({err}); lower optim.lr (now "
@@ -199,7 +199,8 @@ def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
     n = stats.counts.to(stats.means.dtype)
     mean_sq = float(stats.sigma_w().trace() + (n * (stats.means ** 2).sum(1)).sum() / n.sum())
     record = {"kind": "nc", "epoch": epoch, "split": split, "accuracy": m.accuracy,
-              "loss": m.loss, "samples": m.samples, **m.metrics.as_dict(),
+              "top5_accuracy": m.top5_accuracy, "loss": m.loss, "samples": m.samples,
+              **m.metrics.as_dict(), **m.extra,
               "feature_norm": math.sqrt(max(mean_sq, 0.0)),
               "weight_norm": float(fc.weight.detach().norm()),
               "bias_param_norm": None if fc.bias is None else float(fc.bias.detach().norm()),
