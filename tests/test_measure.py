@@ -88,20 +88,82 @@ def _measure_worker(rank, world, init_file, out):
         model, inputs, labels = make_model_and_data()
         shard = slice(rank, None, world)
         loader = DataLoader(TensorDataset(inputs[shard], labels[shard]), batch_size=9)
-        out[rank] = ncfast.measure(model, loader, dtype=torch.float64).metrics.as_dict()
+        m = ncfast.measure(model, loader, dtype=torch.float64, extras=ALL_EXTRAS,
+                           ood_loader=[inputs[shard][:20]])
+        out[rank] = {**m.metrics.as_dict(), **m.extra, "top5": m.top5_accuracy}
+        # kept margins are gathered in rank order; sorted, they are the one-process ones
+        per_sample = metrics.PerSampleStats(m.stats, model[5].weight, keep_margins=True,
+                                            dtype=torch.float64)
+        with torch.no_grad():
+            per_sample.update(model[:5](inputs[shard]), labels[shard])
+        out[f"margins{rank}"] = per_sample.all_reduce().margins().tolist()
     finally:
         dist.destroy_process_group()
 
 
 def test_two_process_measure_equals_one_process(tmp_path):
     model, inputs, labels = make_model_and_data()
-    one = ncfast.measure(model, DataLoader(TensorDataset(inputs, labels), batch_size=9),
-                         dtype=torch.float64).metrics.as_dict()
+    m = ncfast.measure(model, DataLoader(TensorDataset(inputs, labels), batch_size=9),
+                       dtype=torch.float64, extras=ALL_EXTRAS,
+                       ood_loader=[inputs[0::2][:20], inputs[1::2][:20]])
+    one = {**m.metrics.as_dict(), **m.extra, "top5": m.top5_accuracy}
+    per_sample = metrics.PerSampleStats(m.stats, model[5].weight, keep_margins=True,
+                                        dtype=torch.float64)
+    with torch.no_grad():
+        per_sample.update(model[:5](inputs), labels)
     with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         mp.start_processes(_measure_worker, args=(2, str(tmp_path / "store"), out), nprocs=2,
                            start_method="spawn")
         results = dict(out)
+    assert len(one) == 15 + 1 + 6 + 5
     for rank in (0, 1):
         for name, value in one.items():
-            assert results[rank][name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+            # nf_ratio: dead ReLU units make these classes rank-deficient (its 1e-9 floor)
+            rel = 1e-7 if name == "nf_ratio" else 1e-9
+            assert results[rank][name] == pytest.approx(value, rel=rel, abs=1e-12), name
+        assert results[f"margins{rank}"] == pytest.approx(per_sample.margins().tolist(),
+                                                          rel=1e-12, abs=1e-12)
+
+
+ALL_EXTRAS = ("unc3", "gnc2", "cosine_margin", "ncc_accuracy", "nf_ratio")
+
+
+def test_measure_reports_top5_and_the_extras_of_the_hooked_features():
+    model, inputs, labels = make_model_and_data(K=7, n=20)
+    ood = torch.randn(40, 6, generator=torch.Generator().manual_seed(3)).double()
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=17)
+    result = ncfast.measure(model, loader, dtype=torch.float64, extras=ALL_EXTRAS,
+                            ood_loader=DataLoader(TensorDataset(ood), batch_size=16),
+                            cdnv_exponents=(2.0,))
+    model.eval()
+    with torch.no_grad():
+        feats, logits, ood_feats = model[:5](inputs), model(inputs), model[:5](ood)
+    W = model[5].weight.double()
+    ref = reference.class_stats(feats, labels, 7)
+    per_sample = metrics.PerSampleStats(ref, W, class_scatter=True, dtype=torch.float64)
+    per_sample.update(feats, labels)
+    gnc2 = metrics.gnc2(ref)
+    expected = {
+        "unc3": metrics.unc3(W, ref), "cdnv_p2": metrics.cdnv(ref, distance_exponent=2.0),
+        **{f"gnc2_{k}_{part}": getattr(v, "mean" if part == "mean" else "variance")
+           for k, v in gnc2.items() for part in ("mean", "var")},
+        "cosine_margin": per_sample.cosine_margin(), "ncc_accuracy": per_sample.ncc_accuracy(),
+        "nf_ratio": per_sample.nf_ratio(), "nc5": metrics.nc5(ref, ood_feats.mean(0)),
+    }
+    assert set(result.extra) == set(expected)
+    for name, value in expected.items():
+        assert result.extra[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    top5 = (logits.topk(5).indices == labels[:, None]).any(1).double().mean().item()
+    assert result.top5_accuracy == pytest.approx(top5) and result.top5_accuracy > result.accuracy
+    assert result.ood.count == 40 and result.per_sample.count == len(labels)
+
+
+def test_measure_rejects_unknown_extras_and_nc5_without_ood_data():
+    model, inputs, labels = make_model_and_data()
+    with pytest.raises(ValueError, match=r"extras must be names from \['unc3', 'cosine_margin', "
+                                         r"'ncc_accuracy', 'nf_ratio', 'gnc2', 'nc5'\], got "
+                                         r"\['nc9'\]"):
+        ncfast.measure(model, [(inputs, labels)], extras=("nc9",))
+    with pytest.raises(ValueError, match="extras 'nc5' needs ood_loader=<out-of-distribution"):
+        ncfast.measure(model, [(inputs, labels)], extras=("nc5",))

@@ -37,7 +37,11 @@ def class_similarities(
     the angle between w_k and μ_k - μ_G (theory.md 5.11). ``W`` (K, d) is used as given
     (pass ``W - W.mean(0)`` for the centred classifier); with ``classes`` the vector has one
     entry per selected class, in that order."""
-    op = _name("class_similarities")
+    return _class_similarities(_name("class_similarities"), W, stats, cosine, global_mean,
+                               classes)
+
+
+def _class_similarities(op, W, stats, cosine, global_mean, classes) -> Tensor:
     prep = _prepare(op, stats, global_mean, classes)
     Wsel = _weight(op, "W", W, prep.K, prep.d, prep)
     return _similarities(op, Wsel, prep.Mc.T, bool(cosine))
@@ -72,8 +76,8 @@ def unc3(
     (divisor K - 1) of :func:`class_similarities`. 0 when every class is equally aligned with
     its classifier row; ``cosine=True`` removes the norms (the reference library's default is
     the inner product)."""
-    op = _name("unc3")
-    return class_similarities(W, stats, cosine, global_mean, classes).var().item()
+    return _class_similarities(_name("unc3"), W, stats, cosine, global_mean,
+                               classes).var().item()
 
 
 def nc5(
