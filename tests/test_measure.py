@@ -95,7 +95,7 @@ def _measure_worker(rank, world, init_file, out):
         per_sample = metrics.PerSampleStats(m.stats, model[5].weight, keep_margins=True,
                                             dtype=torch.float64)
         with torch.no_grad():
-            per_sample.update(model[:5](inputs[shard]), labels[shard])
+            per_sample.update(model.eval()[:5](inputs[shard]), labels[shard])
         out[f"margins{rank}"] = per_sample.all_reduce().margins().tolist()
     finally:
         dist.destroy_process_group()
@@ -110,7 +110,7 @@ def test_two_process_measure_equals_one_process(tmp_path):
     per_sample = metrics.PerSampleStats(m.stats, model[5].weight, keep_margins=True,
                                         dtype=torch.float64)
     with torch.no_grad():
-        per_sample.update(model[:5](inputs), labels)
+        per_sample.update(model.eval()[:5](inputs), labels)
     with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         mp.start_processes(_measure_worker, args=(2, str(tmp_path / "store"), out), nprocs=2,
