@@ -1,11 +1,17 @@
 """Streaming class-statistics benchmark: one pass of ncfast.ClassStats over N samples in batches
 against the NC papers' per-sample approach, a two-pass one-hot torch approach and the x^T x
-floor. `python -m bench.stats`."""
+floor. `python -m bench.stats`. With `--extras`: the cost of the extra metrics (theory.md
+5.10-5.12) at K = 1000 and K = 50,000, d = 768, against the reference library
+rhubarbwu/neural-collapse on the same statistics where it runs (a checkout named by
+$NCFAST_REFERENCE_LIBRARY; it is never part of this repository)."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -225,10 +231,207 @@ def caption(r: dict, device: str) -> str:
     return text
 
 
+# ------------------------------------------------------------------ extra metrics (--extras)
+
+EXTRA_D = 768
+EXTRA_K = (1000, 50_000)
+EXTRA_PER_CLASS = 4  # first-pass samples per class: the statistics the metrics read
+# Samples of the second (per-sample) pass; on this CPU a (rows, 50,000) score block per batch.
+EXTRA_PASS_N = {("cpu", 1000): 50_000, ("cpu", 50_000): 5_000,
+                ("cuda", 1000): 200_000, ("cuda", 50_000): 200_000}
+REF_TILE = 100  # the reference library's tile_size: (100, 100, d) difference tensors
+EXTRA_GATE = 1e-6  # relative agreement with the reference library (both in float64)
+# ... except where the reference keeps a float32 K x K grid whatever its input dtype: a
+# variance over pairs then carries float32 rounding.
+EXTRA_GATE_GRID = 1e-5
+# One timed call, not blocked_autorange, above this many pairs on a CPU (a call takes minutes).
+SINGLE_SHOT_PAIRS = 10**7
+
+
+def reference_library():
+    """(kernels, measure) modules of rhubarbwu/neural-collapse, or (None, reason)."""
+    path = os.environ.get("NCFAST_REFERENCE_LIBRARY")
+    if path:
+        sys.path.insert(0, path)
+    try:
+        return (importlib.import_module("neural_collapse.kernels"),
+                importlib.import_module("neural_collapse.measure")), None
+    except ImportError as err:
+        return None, f"not installed ({err.name or err})"
+
+
+def extra_data(K: int, device: str):
+    """ClassStats over EXTRA_PER_CLASS samples per class (means N(0,1), noise N(0, 0.1^2)), a
+    classifier near the centred means, an OOD mean, and second-pass batches."""
+    d = EXTRA_D
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    means = torch.randn(K, d, generator=gen, device=device)
+    stats = ncfast.ClassStats(K, d, device=device)
+    labels = torch.arange(K, device=device).repeat(EXTRA_PER_CLASS)
+    for chunk in labels.split(8192):
+        noise = torch.randn(chunk.numel(), d, generator=gen, device=device)
+        stats.update(means[chunk] + NOISE * noise, chunk)
+    weight = means - means.mean(0) + 0.3 * torch.randn(K, d, generator=gen, device=device)
+    ood_mean = torch.randn(d, generator=gen, device=device) + 0.2 * means.mean(0)
+    n = EXTRA_PASS_N[(device, K)]
+    pass_labels = torch.randint(0, K, (n,), generator=gen, device=device)
+    pass_x = means[pass_labels] + NOISE * torch.randn(n, d, generator=gen, device=device)
+    batches = list(zip(pass_x.split(1024), pass_labels.split(1024)))
+    return stats, weight, ood_mean, batches
+
+
+def extra_candidates(stats, weight, ood_mean, batches, ref, ref_dtype):
+    """{row: (ncfast fn, reference fn or None)}; each fn returns the values the gate compares.
+    The reference is fed the statistics ncfast read (means, global mean, v_k) in ref_dtype."""
+    m = ncfast.metrics
+    K = stats.num_classes
+    means64, mu_g64 = stats.means.double(), stats.global_mean().double()
+
+    def ref_inputs(dtype):
+        return (means64.to(dtype), mu_g64.to(dtype), stats.class_variances().to(dtype),
+                weight.to(dtype), ood_mean.to(dtype))
+
+    def per_sample():
+        p = m.PerSampleStats(stats, weight)
+        for x, y in batches:
+            p.update(x, y)
+        return [p.cosine_margin(), p.ncc_accuracy()]
+
+    rows = {
+        "CDNV (p = 1)": (lambda: [m.cdnv(stats, tile=None)], None),
+        "CDNV (p = 2)": (lambda: [m.cdnv(stats, tile=None, distance_exponent=2.0)], None),
+        "GNC2: distance, log, Riesz (mean, var)": (
+            lambda: [v for k in m.gnc2(stats).values() for v in k], None),
+        "class vectors + UNC3": (
+            lambda: [m.unc3(weight, stats), float(m.class_similarities(weight, stats, True).sum()),
+                     float(m.class_distances(weight, stats).sum())], None),
+        "NC5": (lambda: [m.nc5(stats, ood_mean)], None),
+        "interference grid (K x K, fp32)": (
+            lambda: [float(m.interference_grid(stats).double().sum())], None),
+        "second pass: cosine margin + NCC": (per_sample, None),
+    }
+    if ref is None:
+        return rows
+    kern, meas = ref
+    M, mG, V, W, ood = ref_inputs(ref_dtype)
+    tile = min(REF_TILE, K)
+
+    def ref_gnc2():
+        # Its grid is float32 whatever the input: the Riesz energies at s = d - 2 (~1e-93
+        # here) underflow to 0, so the gate compares the distance and log kernels only.
+        kernels = (kern.dist_kernel, kern.log_kernel)
+        if ref_dtype != torch.float64:
+            kernels += (kern.riesz_kernel,)
+        return [v for kernel in kernels for v in kern.kernel_stats(M, mG, kernel, tile)]
+
+    rows["CDNV (p = 1)"] = (rows["CDNV (p = 1)"][0],
+                           lambda: [meas.variability_cdnv(V, M, 1.0, tile_size=tile)])
+    rows["CDNV (p = 2)"] = (rows["CDNV (p = 2)"][0],
+                           lambda: [meas.variability_cdnv(V, M, 2.0, tile_size=tile)])
+    rows["GNC2: distance, log, Riesz (mean, var)"] = (
+        rows["GNC2: distance, log, Riesz (mean, var)"][0], ref_gnc2)
+    rows["class vectors + UNC3"] = (rows["class vectors + UNC3"][0], lambda: [
+        meas.similarities(W, M, mG).var().item(),
+        float(meas.similarities(W, M, mG, cos=True).sum()),
+        float(meas.distance_norms(W, M, mG).sum())])
+    rows["NC5"] = (rows["NC5"][0], lambda: [meas.orthogonality_deviation(M, ood)])
+    rows["interference grid (K x K, fp32)"] = (
+        rows["interference grid (K x K, fp32)"][0],
+        lambda: [float(meas.interference_grid(M, mG).double().sum())])
+    return rows
+
+
+def ref_fits(row: str, K: int, device: str) -> str | None:
+    """None if the reference library can run this row here, else why not."""
+    if device == "cpu" and K > 5000 and row.split(" ")[0] in ("CDNV", "GNC2:", "interference"):
+        return f"not run: a K x K float32 grid ({K * K * 4 / 2**30:.0f} GiB) per call"
+    return None
+
+
+def time_call(fn, device: str, min_run_time: float, single: bool) -> float:
+    if not single:
+        return harness.median_time(fn, device, min_run_time)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def extras_bench(K: int, device: str, min_run_time: float):
+    stats, weight, ood_mean, batches = extra_data(K, device)
+    ref, missing = reference_library()
+    gate_rows = extra_candidates(stats, weight, ood_mean, batches, ref, torch.float64) \
+        if ref is not None else None
+    timed = extra_candidates(stats, weight, ood_mean, batches, ref, torch.float32) \
+        if ref is not None else extra_candidates(stats, weight, ood_mean, batches, None, None)
+    single = device == "cpu" and K * K > SINGLE_SHOT_PAIRS
+    rows = []
+    for name, (ours, theirs) in timed.items():
+        reason = missing or ref_fits(name, K, device) if theirs is not None or missing else \
+            "computes no such metric"
+        ours_values = ours()
+        if reason is None:  # the gate: the same values from both, in float64
+            want = gate_rows[name][1]()
+            tol = EXTRA_GATE_GRID if name.startswith("GNC2") else EXTRA_GATE
+            for got, exp in zip(ours_values, want):  # zip: the reference's values only
+                if not abs(got - exp) <= tol * max(abs(exp), 1e-300):
+                    raise harness.CorrectnessError(
+                        f"{name} at K={K}: ncfast {got!r} vs reference library {exp!r}")
+        t_ours = time_call(ours, device, min_run_time, single and "second pass" not in name)
+        row = {"K": K, "d": EXTRA_D, "metric": name, "ncfast": harness.fmt_time(t_ours)}
+        if reason is None:
+            t_ref = time_call(theirs, device, min_run_time, single)
+            row.update({"reference library": harness.fmt_time(t_ref),
+                        "vs reference": harness.fmt_ratio(t_ref / t_ours)})
+        else:
+            row["reference library"] = reason
+        rows.append(row)
+        print(f"timed K={K} {name}: {row}", file=sys.stderr, flush=True)
+    return rows, EXTRA_PASS_N[(device, K)], single
+
+
+def extras_main(args, device: str) -> None:
+    env = harness.environment(device, {
+        "settings": f"min_run_time={args.min_run_time:g} s per measurement, d={EXTRA_D}, "
+                    f"{EXTRA_PER_CLASS} samples per class, seed={SEED}, noise std={NOISE:g}, "
+                    f"reference library tile_size={REF_TILE}, gate: relative difference "
+                    f"<= {EXTRA_GATE:g} in float64"})
+    others = harness.OtherCpuUse()
+    sections = []
+    for K in ((1000,) if args.quick else EXTRA_K):
+        rows, n_pass, single = extras_bench(K, device, args.min_run_time)
+        caption = (
+            f"K = {K}, d = {EXTRA_D}: statistics of {EXTRA_PER_CLASS * K} fp32 samples in "
+            "`ncfast.ClassStats`; every metric is read from them (float64 arithmetic). "
+            "**reference library**: rhubarbwu/neural-collapse fed the same means, global mean, "
+            f"v_k and classifier in float32 (its usual dtype), tile_size={REF_TILE}; before "
+            f"timing, its float64 values agree with ncfast's to {EXTRA_GATE:g} ({EXTRA_GATE_GRID:g} "
+            "for GNC2, whose grid it keeps in float32, where its Riesz energies at s = d - 2 "
+            "underflow to 0 and are not compared). **vs "
+            "reference**: its time / ncfast's. **second pass**: `PerSampleStats` over "
+            f"{n_pass} samples in batches of 1024 (cosine margin and nearest-class-mean "
+            "accuracy; neither is in the reference library). "
+            + ("Above 10^7 pairs each time is one call (a call takes minutes on this CPU). "
+               if single else ""))
+        sections.append(harness.markdown_table(
+            rows, ["K", "d", "metric", "ncfast", "reference library", "vs reference"],
+            caption))
+    harness.close_environment(env, others)
+    harness.emit(harness.render_results("ncfast extra NC metrics benchmark", env, sections),
+                 args.out)
+
+
 def main(argv=None) -> None:
     parser = harness.base_parser("python -m bench.stats", __doc__.splitlines()[0])
+    parser.add_argument("--extras", action="store_true",
+                        help="the extra metrics at K = 1000 and 50,000 (d = 768) instead")
     args = harness.parse_args(parser, argv)
     device = args.device
+    if args.extras:
+        extras_main(args, device)
+        return
     if args.dtypes and args.dtypes != [torch.float32]:
         parser.error("bench.stats measures fp32 features only (--dtypes fp32)")
     if args.shapes:
