@@ -397,12 +397,13 @@ class ClassStats:
         present = self._present()[:, None]
         return torch.where(present, self._shift.double() + self._sums.double() / n[:, None], 0)
 
-    def _centred(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(mu, M2, per-class sum ||h - mu_k||^2) in float64."""
+    def _centred(self, with_m2: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(mu, M2, per-class sum ||h - mu_k||^2) in float64; M2 (a K d^2 product) is None
+        unless ``with_m2``: the means and variances alone are O(K d)."""
         mu = self.means
         n = self._counts.clamp(min=1).double()
         s = self._sums.double() * self._present()[:, None]
-        m2 = self._full_gram().double() - (s / n[:, None]).T @ s
+        m2 = self._full_gram().double() - (s / n[:, None]).T @ s if with_m2 else None
         sq = self._sq.double() - (s * s).sum(1) / n
         return mu, m2, sq
 
@@ -412,12 +413,12 @@ class ClassStats:
 
     def class_variances(self) -> Tensor:
         """(K,) v_k = (1/n_k) sum_{i in k} ||h_i - mu_k||^2 (0 for empty classes), float64."""
-        return self._centred()[2] / self._counts.clamp(min=1).double()
+        return self._centred(with_m2=False)[2] / self._counts.clamp(min=1).double()
 
     def global_mean(self, kind: str = "weighted") -> Tensor:
         """(d,) sample-weighted mean (1/N) sum_i h_i, or the unweighted mean of the class means
         of the classes that have samples."""
-        mu = self._centred()[0]
+        mu = self._centred(with_m2=False)[0]
         if kind == "weighted":
             return (self._counts.double()[:, None] * mu).sum(0) / self.total.clamp(min=1).double()
         if kind == "unweighted":
