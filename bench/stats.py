@@ -341,6 +341,60 @@ def extra_candidates(stats, weight, ood_mean, batches, ref, ref_dtype):
     return rows
 
 
+# ---- (d) dense: the K x K matrices in plain torch, as a user would write it (float64)
+
+def dense_cdnv(means: torch.Tensor, v: torch.Tensor, p: float) -> list[float]:
+    """(d) for CDNV: every squared distance at once (torch.cdist, K x K), upper triangle."""
+    K = means.shape[0]
+    upper = torch.ones(K, K, dtype=torch.bool, device=means.device).triu_(1)
+    ratio = (v[:, None] + v[None, :]) / 2 / torch.cdist(means, means).pow_(2 * p)
+    return [ratio[upper].mean().item()]
+
+
+def dense_gnc2(means: torch.Tensor, mu_g: torch.Tensor) -> list[float]:
+    """(d) for GNC2: unit centred means, torch.cdist, each kernel on the upper triangle."""
+    K, d = means.shape
+    u = torch.nn.functional.normalize(means - mu_g, dim=1)
+    dist = torch.cdist(u, u)[torch.ones(K, K, dtype=torch.bool, device=means.device).triu_(1)]
+    out = []
+    for values in (dist, -dist.log(), dist.pow(-(d - 2.0))):
+        out += [values.mean().item(), values.var(unbiased=False).item()]
+    return out
+
+
+def subset_gate(name: str, stats, K: int) -> None:
+    """ncfast's tiled sweep against (d) on the first 2048 classes (a small tile, so several
+    tiles and the diagonal blocks are exercised), in float64, on the bench's device."""
+    sub = torch.arange(min(K, 2048), device=stats.means.device)
+    counts = stats.counts[sub].double()
+    means = stats.means.double()[sub]
+    mu_g = (counts[:, None] * means).sum(0) / counts.sum()
+    v = stats.class_variances()[sub]
+    m = ncfast.metrics
+    if name.startswith("CDNV"):
+        p = 2.0 if "p = 2" in name else 1.0
+        pairs = [(m.cdnv(stats, tile=300, classes=sub, distance_exponent=p),
+                  dense_cdnv(means, v, p)[0])]
+    else:
+        ours = [x for k in m.gnc2(stats, classes=sub, tile=300).values() for x in k]
+        pairs = list(zip(ours, dense_gnc2(means, mu_g)))
+    for got, want in pairs:
+        if not abs(got - want) <= EXTRA_GATE * max(abs(want), 1e-300):
+            raise harness.CorrectnessError(f"{name}, first {sub.numel()} classes: ncfast "
+                                           f"{got!r} vs dense float64 {want!r}")
+
+
+def dense_fn(name: str, stats):
+    """The (d) baseline of a pair row, or None."""
+    means, mu_g, v = stats.means.double(), stats.global_mean().double(), stats.class_variances()
+    if name.startswith("CDNV"):
+        p = 2.0 if "p = 2" in name else 1.0
+        return lambda: dense_cdnv(means, v, p)
+    if name.startswith("GNC2"):
+        return lambda: dense_gnc2(means, mu_g)
+    return None
+
+
 def ref_fits(row: str, K: int, device: str) -> str | None:
     """None if the reference library can run this row here, else why not."""
     if device == "cpu" and K > 5000 and row.split(" ")[0] in ("CDNV", "GNC2:", "interference"):
@@ -377,6 +431,9 @@ def extras_bench(K: int, device: str, min_run_time: float):
         reason = missing or ref_fits(name, K, device) if theirs is not None or missing else \
             "computes no such metric"
         ours_values = ours()
+        dense = dense_fn(name, stats)
+        if dense is not None:
+            subset_gate(name, stats, K)
         if reason is None:  # the gate: the same values from both, in float64
             want = gate_rows[name][1]()
             tol = EXTRA_GATE_GRID if name.startswith("GNC2") else EXTRA_GATE
@@ -392,6 +449,18 @@ def extras_bench(K: int, device: str, min_run_time: float):
                         "vs reference": harness.fmt_ratio(t_ref / t_ours)})
         else:
             row["reference library"] = reason
+        if dense is not None and device == "cpu" and K * K * 8 > 2**31:
+            row["(d) dense torch"] = f"not run on this CPU: K x K float64 is " \
+                                     f"{K * K * 8 / 2**30:.0f} GiB"
+        elif dense is not None:
+            try:
+                t_dense = time_call(dense, device, min_run_time, single)
+                row.update({"(d) dense torch": harness.fmt_time(t_dense),
+                            "vs (d)": harness.fmt_ratio(t_dense / t_ours)})
+            except torch.cuda.OutOfMemoryError:
+                row["(d) dense torch"] = "out of memory"
+            if device == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
         print(f"timed K={K} {name}: {row}", file=sys.stderr, flush=True)
     return rows, EXTRA_PASS_N[(device, K)], single
@@ -419,12 +488,15 @@ def extras_main(args, device: str) -> None:
             f"{n_pass} samples in batches of 1024 (cosine margin and nearest-class-mean "
             "accuracy; neither is in the reference library). ncfast's times include reading "
             "the means and global mean from `ClassStats` (O(K d)); the reference gets them "
-            "precomputed. "
+            "precomputed. **(d) dense torch**: CDNV and GNC2 as a user would write them in "
+            "plain torch, float64: `torch.cdist` of the (unit) means, K x K, the kernel on its "
+            "upper triangle; before timing, ncfast's tiled sweep (tile 300) agrees with (d) on "
+            f"the first 2048 classes to {EXTRA_GATE:g}. "
             + ("Above 10^7 pairs each time is one call (a call takes minutes on this CPU). "
                if single else ""))
         sections.append(harness.markdown_table(
-            rows, ["K", "d", "metric", "ncfast", "reference library", "vs reference"],
-            caption))
+            rows, ["K", "d", "metric", "ncfast", "reference library", "vs reference",
+                   "(d) dense torch", "vs (d)"], caption))
     harness.close_environment(env, others)
     harness.emit(harness.render_results("ncfast extra NC metrics benchmark", env, sections),
                  args.out)
