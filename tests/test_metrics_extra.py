@@ -329,3 +329,40 @@ def test_merge_refuses_different_means():
     with pytest.raises(ValueError, match="must be built from the same means, classifier and "
                                          "options"):
         a.merge(b)
+
+
+@pytest.mark.cuda
+def test_extra_metrics_on_cuda_equal_the_cpu_ones():
+    h, y, W, ood = make("unbalanced", d=16)
+    cpu = ncfast.ClassStats(6, 16, dtype=F64)
+    cpu.update(h, y)
+    gpu = ncfast.ClassStats(6, 16, device="cuda", dtype=F64)
+    gpu.update(h.cuda(), y.cuda())
+    Wg = W.cuda()
+    assert metrics.cdnv(gpu, tile=2, distance_exponent=2.0) == pytest.approx(
+        metrics.cdnv(cpu, distance_exponent=2.0), rel=1e-10)
+    for name, value in metrics.gnc2(cpu).items():
+        got = metrics.gnc2(gpu, tile=4)[name]
+        assert got.mean == pytest.approx(value.mean, rel=1e-10), name
+        assert got.variance == pytest.approx(value.variance, rel=1e-8), name
+    torch.testing.assert_close(metrics.interference_grid(gpu, tile=4, dtype=F64).cpu(),
+                               metrics.interference_grid(cpu, dtype=F64))
+    assert metrics.unc3(Wg, gpu) == pytest.approx(metrics.unc3(W, cpu), rel=1e-10)
+    torch.testing.assert_close(metrics.class_distances(Wg, gpu).cpu(),
+                               metrics.class_distances(W, cpu))
+    ood_mean = metrics.FeatureMean(16, device="cuda")
+    ood_mean.update(ood.cuda())
+    assert metrics.nc5(gpu, ood_mean.mean) == pytest.approx(metrics.nc5(cpu, ood.mean(0)),
+                                                            rel=1e-10)
+    results = []
+    for stats, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        p = metrics.PerSampleStats(stats, W.to(dev), class_scatter=True, keep_margins=True,
+                                   dtype=F64)
+        p.update(h.to(dev), y.to(dev))
+        results.append((p.cosine_margin(), p.ncc_accuracy(), p.nf_ratio(centred=False),
+                        p.margins().cpu(), p.margin_histogram()[1]))
+    (a_m, a_n, a_f, a_v, a_h), (b_m, b_n, b_f, b_v, b_h) = results
+    assert b_m == pytest.approx(a_m, rel=1e-10) and b_n == a_n
+    assert b_f == pytest.approx(a_f, rel=1e-9)
+    torch.testing.assert_close(b_v, a_v)
+    assert b_h.tolist() == a_h.tolist()
