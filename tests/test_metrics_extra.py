@@ -100,7 +100,7 @@ def case(request):
                 ref=two_pass(h, y, K))
 
 
-# --- pairs of classes ------------------------------------------------------------------------------
+# --- pairs of classes -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("tile", [2, None], ids=["tile-2", "tile-auto"])
 def test_cdnv_with_exponent_and_gnc2_match_two_pass(case, tile):
