@@ -157,8 +157,22 @@ def test_unsigned_or_foreign_files_are_refused(copy, edit, match):
      r"finite and > 0, got -1.0\)"),
     (lambda r: r["config"].__setitem__("config", {"x": 1}),
      r"the config stored in .* is invalid \(unknown config key 'config.x'"),
+    (lambda r: r["optimizer"]["param_groups"][0].__setitem__("lr", "x"),
+     r"does not fit this model \(ValueError: optimizer group 0: lr must be a finite number "
+     r">= 0, got 'x'\)"),
+    (lambda r: r["optimizer"]["param_groups"][0].__setitem__("lr", float("inf")),
+     r"optimizer group 0: lr must be a finite number >= 0, got inf"),
+    (lambda r: r["optimizer"]["param_groups"][0].__setitem__("momentum", 0.5),
+     r"optimizer group 0: momentum is 0.5, the config gives 0.9"),
+    (lambda r: r["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(2)),
+     r"optimizer state 'momentum_buffer' has shape \[2\], its parameter \[8, 4\]"),
+    (lambda r: r["scheduler"].__setitem__("gamma", "x"),
+     r"schedule gamma is 'x', the config gives 0.1"),
+    (lambda r: r["scheduler"].__setitem__("_last_lr", [float("nan")]),
+     r"schedule _last_lr must be a list of finite numbers, got \[nan\]"),
 ], ids=["no-optimizer", "no-rng", "epoch-str", "epoch-0", "empty-model", "wrong-shape",
-        "schedule-elsewhere", "rng-torch", "rng-python", "config-invalid", "config-unknown"])
+        "schedule-elsewhere", "rng-torch", "rng-python", "config-invalid", "config-unknown",
+        "lr-str", "lr-inf", "momentum", "momentum-buffer-shape", "gamma-str", "last-lr-nan"])
 def test_hand_made_or_partial_checkpoints_are_refused_by_name(copy, edit, match):
     rewrite(copy / ckpt.CHECKPOINT, lambda record: (edit(record), resign(record)))
     refused(copy, match)

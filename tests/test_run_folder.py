@@ -175,3 +175,21 @@ def test_cosine_schedule_is_not_resumed_with_another_length(tmp_path):
     run(tiny(tmp_path, "schedule.name=step", "epochs=3"), overwrite=True)
     run(tiny(tmp_path, "schedule.name=step", "epochs=4"), resume=True)  # step: may grow
     assert epochs_of(tmp_path / "digits") == [1, 2, 3, 4]
+
+
+def test_overwrite_of_a_linked_run_replaces_the_link_and_keeps_its_target(old_run, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "kept"
+    os.rename(old_run, target)
+    os.symlink(target, old_run)
+    before = tree_bytes(target)
+    run(tiny(tmp_path, "epochs=1"), overwrite=True)
+    assert not old_run.is_symlink() and epochs_of(old_run) == [1]
+    assert tree_bytes(target) == before
+
+
+def test_a_data_dir_the_os_refuses_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'data.dir' must be a readable folder, got "
+                                          r"'x+\.\.\.x+' \(File name too long\)"):
+        run(tiny(tmp_path, "data.name=imagefolder", "data.dir=" + "x" * 5000))
+    assert list(tmp_path.iterdir()) == []

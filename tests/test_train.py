@@ -64,7 +64,8 @@ def test_values_are_typed_and_checked():
     with pytest.raises(ConfigError, match=r"config key 'optim.name' must be one of sgd, adam, "
                                           r"adamw, lbfgs, got 'rmsprop'"):
         load(None, ["optim.name=rmsprop"])
-    with pytest.raises(ConfigError, match=r"config key 'epochs' must be in \[1, 2\^31 - 1\], got 0"):
+    with pytest.raises(ConfigError, match=r"config key 'epochs' must be in \[1, 2\^31 - 1\], "
+                                          r"got 0"):
         load(None, ["epochs=0"])
     with pytest.raises(ConfigError, match=r"use loss.name='rescaled_mse' to set loss.k=5"):
         load(None, ["loss.k=5"])

@@ -150,12 +150,16 @@ def set_rng_state(state: dict) -> None:
                 torch.set_rng_state(saved_torch)
                 raise
             np.random.set_state(np_state)
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            if not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and
+                                                   t.dtype == torch.uint8 for t in cuda)):
+                raise TypeError("cuda state must be a list of uint8 tensors")
+            torch.cuda.set_rng_state_all(cuda)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"cannot resume: the checkpoint's RNG state is malformed "
                               f"({type(err).__name__}: {err})") from None
     random.setstate(python)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ------------------------------------------------------------------------------ save / load

@@ -182,7 +182,7 @@ RULES = [
 NAME_BYTES = 200  # a folder name, with room for the run's hidden lock and staging names
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A value for a message: its repr, cut short (a YAML alias bomb or a 300-character name
     must not flood the terminal)."""
     import reprlib
@@ -292,7 +292,7 @@ def _coerce(key: str, value: Any, hint) -> Any:
         pass
     else:
         raise AssertionError(f"unhandled config type {hint} for {key}")
-    raise ConfigError(f"config key {key!r} must be {_type_name(hint)}, got {_show(value)}")
+    raise ConfigError(f"config key {key!r} must be {_type_name(hint)}, got {show_value(value)}")
 
 
 def _type_name(hint) -> str:
@@ -339,7 +339,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         if not isinstance(key, str):
-            raise ConfigError(f"config keys must be strings, got {_show(key)}")
+            raise ConfigError(f"config keys must be strings, got {show_value(key)}")
         if isinstance(value, dict):
             if prefix:
                 raise ConfigError(f"config key {prefix + key!r} must be a value, not a mapping "
@@ -365,7 +365,7 @@ def _check_name(name: str) -> None:
             if size > NAME_BYTES:
                 rule = f"a folder name of at most {NAME_BYTES} bytes ({size} given)"
     if rule:
-        raise ConfigError(f"config key 'name' must be {rule}, got {_show(name)}")
+        raise ConfigError(f"config key 'name' must be {rule}, got {show_value(name)}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -378,18 +378,18 @@ def validate(cfg: TrainConfig) -> None:
         value = flat[key]
         if not _has_type(value, hint):
             raise ConfigError(f"config key {key!r} must be {_type_name(hint)}, got "
-                              f"{_show(value)}")
+                              f"{show_value(value)}")
         if isinstance(value, str) and "\0" in value:
             raise ConfigError(f"config key {key!r} must not hold a NUL character, got "
-                              f"{_show(value)}")
+                              f"{show_value(value)}")
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
-                              f"got {_show(flat[key])}")
+                              f"got {show_value(flat[key])}")
     for keys, test, rule in RULES:
         for key in keys:
             if not test(flat[key]):
-                raise ConfigError(f"config key {key!r} must be {rule}, got {_show(flat[key])}")
+                raise ConfigError(f"config key {key!r} must be {rule}, got {show_value(flat[key])}")
     _check_name(cfg.name)
     if not cfg.runs_dir:
         raise ConfigError("config key 'runs_dir' must be a folder, got ''")
@@ -458,9 +458,9 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
             else:
                 close = difflib.get_close_matches(path, list(presets), n=1)
                 hint = f"; did you mean preset {close[0]!r}?" if close else ""
-                raise ConfigError(f"config file {_show(path)} does not exist and is not a preset "
-                                  f"name{hint} (ncfast train --list-presets)")
-        where = _show(str(file))
+                raise ConfigError(f"config file {show_value(path)} does not exist and is not a "
+                                  f"preset name{hint} (ncfast train --list-presets)")
+        where = show_value(str(file))
         try:
             tree = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError as err:

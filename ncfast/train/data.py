@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import (DataLoader, Dataset, Sampler, Subset,
                               TensorDataset)
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, show_value
 from .gpu_decode import JpegFiles, collate_files
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -178,14 +178,18 @@ def image_folder(cfg: DataConfig) -> Splits:
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    if cfg.name == "digits":
-        splits = digits(cfg, seed)
-    elif cfg.name == "gaussian":
-        splits = gaussian(cfg, seed)
-    elif cfg.name == "imagefolder":
-        splits = image_folder(cfg)
-    else:
-        splits = torchvision_dataset(cfg)
+    try:
+        if cfg.name == "digits":
+            splits = digits(cfg, seed)
+        elif cfg.name == "gaussian":
+            splits = gaussian(cfg, seed)
+        elif cfg.name == "imagefolder":
+            splits = image_folder(cfg)
+        else:
+            splits = torchvision_dataset(cfg)
+    except OSError as err:  # a path the OS refuses (too long, unreadable, a file for a folder)
+        raise ConfigError(f"config key 'data.dir' must be a readable folder, got "
+                          f"{show_value(cfg.dir)} ({err.strerror or err})") from None
     if splits.num_classes < 2:
         raise ConfigError(f"data.name={cfg.name!r} has {splits.num_classes} class(es); a "
                           f"classifier needs at least 2")

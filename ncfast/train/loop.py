@@ -261,6 +261,7 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
                           f"built for epochs={saved_cfg.epochs}, and another length would "
                           f"move the learning rate off its path (up again when longer); keep "
                           f"epochs={saved_cfg.epochs}, or start a new run")
+    fresh = (optimizer.state_dict()["param_groups"], scheduler.state_dict(), scaler.state_dict())
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -271,6 +272,7 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
         if scheduler.last_epoch != saved["epoch"]:
             raise ValueError(f"its schedule is at epoch {scheduler.last_epoch}, the checkpoint "
                              f"at epoch {saved['epoch']}")
+        _check_restored(cfg, optimizer, scheduler, scaler, *fresh)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
         detail = " ".join(str(err).split())  # torch's load_state_dict message spans lines
         raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(path)!r} does not fit this "
@@ -278,6 +280,45 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
                                    f"unchanged") from None
     ckpt.set_rng_state(saved["rng"])
     return saved["epoch"], saved["train_time"], saved["track_time"], within
+
+
+def _check_restored(cfg: TrainConfig, optimizer, scheduler, scaler, groups: list[dict],
+                    schedule: dict, scaling: dict) -> None:
+    """What torch's load_state_dict methods take without a check must still be what this config
+    builds (a hand-made checkpoint could otherwise fail mid-epoch): hyperparameters equal to a
+    fresh optimiser's and schedule's, a finite learning rate, state shaped like the parameters."""
+    def same(a, b) -> bool:
+        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+    for i, (group, new) in enumerate(zip(optimizer.param_groups, groups)):
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+            raise ValueError(f"optimizer group {i}: lr must be a finite number >= 0, got {lr!r}")
+        for key in set(group) & set(new) - {"params", "lr"}:
+            if not same(group[key], new[key]):
+                raise ValueError(f"optimizer group {i}: {key} is {group[key]!r}, the config "
+                                 f"gives {new[key]!r}")
+    if cfg.optim.name != "lbfgs":  # L-BFGS keeps flat history vectors, not per-parameter state
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {key!r} has shape {list(value.shape)}, "
+                                     f"its parameter {list(p.shape)}")
+    restored = scheduler.state_dict()
+    for key in set(restored) & set(schedule) - {"last_epoch", "_step_count", "_last_lr",
+                                                "_get_lr_called_within_step", "_is_initial"}:
+        if not same(restored[key], schedule[key]):
+            raise ValueError(f"schedule {key} is {restored[key]!r}, the config gives "
+                             f"{schedule[key]!r}")
+    last = restored.get("_last_lr", [])
+    if not (isinstance(last, list) and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                           for v in last)):
+        raise ValueError(f"schedule _last_lr must be a list of finite numbers, got {last!r}")
+    restored = scaler.state_dict()
+    if set(restored) != set(scaling) or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in restored.values()):
+        raise ValueError(f"grad scaler state must hold finite numbers for {sorted(scaling)}, "
+                         f"got {restored!r}")
 
 
 def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT, CONFIG, RUN_FILES, CheckpointError
-from .config import ConfigError
+from .config import ConfigError, show_value
 
 
 def _foreign(path: Path) -> list[str]:
@@ -85,7 +85,8 @@ class RunFolder:
         except OSError as err:
             self._remove_runs_dir()
             raise ConfigError(f"config key 'runs_dir' must be a folder this process can write "
-                              f"to, got {str(runs_dir)!r} ({err.strerror or err})") from None
+                              f"to, got {show_value(str(runs_dir))} ({err.strerror or err})") \
+                from None
 
     def _claim(self, resume: bool, overwrite: bool) -> None:
         if resume and overwrite:
@@ -158,7 +159,10 @@ class RunFolder:
         if self.staging is None:
             return
         _exchange(self.staging, self.final)
-        shutil.rmtree(self.staging)
+        if self.staging.is_symlink():  # the run folder was a link: drop it, keep its target
+            self.staging.unlink()
+        else:
+            shutil.rmtree(self.staging)
         self.staging, self.path = None, self.final
 
     def release(self) -> None:
