@@ -182,3 +182,34 @@ def test_cuda_decode_and_augmentation_match_the_cpu_decode(tmp_path):
     assert len(fetched) == 3
     for (xa, ya), (xb, yb) in zip(fetched, direct):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_prefetching_thread_gives_the_same_batches_and_stops_cleanly(tmp_path):
+    """The prefetch thread (the CUDA path's, here without streams): the same batches as the
+    synchronous path, no thread left behind when the consumer stops early, and an error in a
+    batch raised in the consumer."""
+    import threading
+
+    files = file_bytes(jpeg_files(tmp_path, count=12))
+    labels = torch.arange(12)
+    loader = [(files[i:i + 4], labels[i:i + 4]) for i in range(0, 12, 4)]
+    pipe = gpu_decode.GpuPipeline("cpu", 32, IMAGENET_MEAN, IMAGENET_STD, seed=6)
+    fetched = list(pipe.batches(iter(loader), epoch=3, first_step=1, prefetch=True))
+    direct = list(pipe.batches(iter(loader), epoch=3, first_step=1, prefetch=False))
+    assert len(fetched) == len(direct) == 3
+    for (xa, ya), (xb, yb) in zip(fetched, direct):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(fetched[0][0], next(pipe.batches(iter(loader), 3, 0))[0]), \
+        "the crops depend on the step"
+
+    def decode_threads():
+        return [t for t in threading.enumerate() if t.name == "ncfast-gpu-decode"]
+
+    early = pipe.batches(iter(loader), epoch=3, first_step=0, prefetch=True)
+    next(early)
+    early.close()
+    assert not decode_threads()
+    broken = [loader[0], ([torch.tensor([0xFF, 0xD8, 0, 1], dtype=torch.uint8)], labels[:1])]
+    with pytest.raises(RuntimeError):
+        list(pipe.batches(iter(broken), epoch=0, first_step=0, prefetch=True))
+    assert not decode_threads()

@@ -7,6 +7,7 @@ mid-epoch, exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -132,11 +133,14 @@ class GpuPipeline:
         x = augment(decode(files, self.device), self.size, self.mean, self.std, gen)
         return x, labels.to(self.device, non_blocking=True)
 
-    def batches(self, loader_iter: Iterator, epoch: int, first_step: int) -> Iterator:
-        """(x, y) on the device for steps first_step, first_step + 1, ... of ``epoch``; on CUDA
-        prepared a batch ahead, on a side stream, by a thread (the decode calls release the
-        GIL), so decoding overlaps the training step."""
-        if self.device.type != "cuda":
+    def batches(self, loader_iter: Iterator, epoch: int, first_step: int,
+                prefetch: bool | None = None) -> Iterator:
+        """(x, y) on the device for steps first_step, first_step + 1, ... of ``epoch``. With
+        ``prefetch`` (default: on CUDA) a thread prepares them a batch ahead, on CUDA on a side
+        stream, so decoding overlaps the training step; the batches are the same either way."""
+        if prefetch is None:
+            prefetch = self.device.type == "cuda"
+        if not prefetch:
             for step, (files, labels) in enumerate(loader_iter, first_step):
                 yield self.batch(files, labels, epoch, step)
             return
@@ -147,7 +151,8 @@ _DONE = object()
 
 
 def _prefetched(pipe: GpuPipeline, loader_iter: Iterator, epoch: int, first_step: int):
-    side = torch.cuda.Stream(pipe.device)
+    cuda = pipe.device.type == "cuda"
+    side = torch.cuda.Stream(pipe.device) if cuda else None
     ready: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -162,17 +167,22 @@ def _prefetched(pipe: GpuPipeline, loader_iter: Iterator, epoch: int, first_step
         return False
 
     def produce():
-        torch.cuda.set_device(pipe.device)
         try:
+            if cuda:
+                torch.cuda.set_device(pipe.device)
             for step, (files, labels) in enumerate(loader_iter, first_step):
-                with torch.cuda.stream(side):
+                if stop.is_set():
+                    return
+                event = None
+                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     x, y = pipe.batch(files, labels, epoch, step)
-                    event = torch.cuda.Event()
-                    event.record(side)
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(side)
                 if not offer((x, y, event)):
                     return
             offer(_DONE)
-        except BaseException as err:  # raised again in the training loop's thread
+        except BaseException as err:  # raised again in the consumer's thread
             offer(err)
 
     thread = threading.Thread(target=produce, name="ncfast-gpu-decode", daemon=True)
@@ -185,10 +195,11 @@ def _prefetched(pipe: GpuPipeline, loader_iter: Iterator, epoch: int, first_step
             if isinstance(item, BaseException):
                 raise item
             x, y, event = item
-            current = torch.cuda.current_stream(pipe.device)
-            current.wait_event(event)
-            x.record_stream(current)  # made on the side stream, freed after the main one
-            y.record_stream(current)
+            if cuda:
+                current = torch.cuda.current_stream(pipe.device)
+                current.wait_event(event)
+                x.record_stream(current)  # made on the side stream, freed after the main one
+                y.record_stream(current)
             yield x, y
     finally:
         stop.set()
