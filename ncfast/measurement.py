@@ -41,7 +41,9 @@ class Measurement:
     ood: FeatureMean | None = None
 
 
-def _final_linear(model: nn.Module) -> nn.Linear:
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The classifier ncfast tracks by default: the last ``nn.Linear`` in ``model.modules()``
+    (registration order)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("ncfast.measure: model has no nn.Linear; pass classifier=<the final "
@@ -159,7 +161,7 @@ def measure(
     extras = _check_extras(extras, ood_loader)
     cdnv_exponents = tuple(cdnv_exponents)
     per_sample_extras = [e for e in extras if e in PER_SAMPLE_EXTRAS]
-    classifier = classifier if classifier is not None else _final_linear(model)
+    classifier = classifier if classifier is not None else final_linear(model)
     if not isinstance(classifier, nn.Linear):
         raise TypeError(f"ncfast.measure: classifier must be an nn.Linear, got "
                         f"{type(classifier).__name__}")

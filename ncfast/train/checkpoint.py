@@ -28,10 +28,12 @@ PREVIOUS = "checkpoint-previous.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 PLOT = "nc.png"
+CSV_LOG = "metrics.csv"  # config log=[csv] (ncfast.train.logs)
+TENSORBOARD_DIR = "tensorboard"  # config log=[tensorboard]
 FORMAT = "ncfast.train/2"
 # Every name a run folder may hold (glob patterns): a folder holding anything else is not a run,
 # and --overwrite refuses to replace it. Add new run files here.
-RUN_FILES = (CONFIG, METRICS, PLOT, "checkpoint*.pt", ".*.tmp")
+RUN_FILES = (CONFIG, METRICS, PLOT, CSV_LOG, TENSORBOARD_DIR, "checkpoint*.pt", ".*.tmp")
 
 # What every checkpoint must hold, with the type of each entry (a hand-made or partial file is
 # refused by name). Add new entries here.

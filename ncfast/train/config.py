@@ -131,7 +131,11 @@ class TrainConfig:
     checkpoint_every: int = setting(1, "write checkpoint.pt every N epochs (and at the end)")
     checkpoint_every_steps: int = setting(0, "also write it every N optimisation steps, for an "
                                           "exact mid-epoch resume (0: epoch ends only)")
-    progress: bool = setting(True, "show a progress bar")
+    progress: bool = setting(True, "show progress: a tqdm bar on a terminal, else plain lines")
+    progress_every: int = setting(50, "without a terminal (SLURM logs): a progress line every "
+                                  "N steps (0: one line per epoch only)")
+    log: list[str] = setting([], "logs besides metrics.jsonl: tensorboard (tensorboard/), csv "
+                             "(metrics.csv); NC metrics included")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -154,6 +158,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
 }
+LOG_BACKENDS = ("tensorboard", "csv")
 INT_MAX = 2**31 - 1  # sizes and counts stay within C int (torch, numpy, the kernels)
 # (keys, test, rule): every numeric key has one (a test checks), so no value fails later
 RULES = [
@@ -162,7 +167,8 @@ RULES = [
       "data.gaussian_dim", "data.gaussian_train_per_class", "data.gaussian_test_per_class"),
      lambda v: 1 <= v <= INT_MAX, "in [1, 2^31 - 1]"),
     (("data.workers", "data.image_size", "model.feature_dim", "optim.lr_reference_batch",
-      "schedule.warmup_epochs", "track.subset_per_class", "checkpoint_every_steps"),
+      "schedule.warmup_epochs", "track.subset_per_class", "checkpoint_every_steps",
+      "progress_every"),
      lambda v: 0 <= v <= INT_MAX, "in [0, 2^31 - 1]"),
     (("data.num_classes",), lambda v: v == 0 or 2 <= v <= INT_MAX,
      "0 (taken from the data) or in [2, 2^31 - 1] (a classifier needs two classes)"),
@@ -386,6 +392,10 @@ def validate(cfg: TrainConfig) -> None:
         if flat[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {show_value(flat[key])}")
+    for backend in cfg.log:
+        if backend not in LOG_BACKENDS:
+            raise ConfigError(f"config key 'log' takes {', '.join(LOG_BACKENDS)}, got "
+                              f"{show_value(backend)}")
     for keys, test, rule in RULES:
         for key in keys:
             if not test(flat[key]):

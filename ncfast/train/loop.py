@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses, measure
+from ..measurement import final_linear
 from ..stats import NonFiniteFeaturesError
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import report, sync_batch_norm
+from . import logs, report, sync_batch_norm
 from .config import ConfigError, TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, class_subset, close_workers, load_splits, loaders
 from .gpu_decode import GpuPipeline, JpegFiles
@@ -31,7 +32,7 @@ from .runfolder import RunFolder
 
 # Keys that may change when a run is resumed (they do not change what is computed; name and
 # runs_dir let a copied or renamed run folder be resumed).
-RESUME_FREE = ("epochs", "name", "runs_dir", "progress", "data.workers", "data.pin_memory",
+RESUME_FREE = ("epochs", "name", "runs_dir", "progress", "progress_every", "log", "data.workers", "data.pin_memory",
                "data.persistent_workers", "data.dir", "data.download")
 
 
@@ -181,9 +182,8 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _measure_split(model, loader, loss_fn, device, cfg: TrainConfig, split: str,
+def _measure_split(model, fc, loader, loss_fn, device, cfg: TrainConfig, split: str,
                    epoch: int) -> dict:
-    fc = model.fc  # every model of build_model ends in this classifier
     start = time.perf_counter()
     # In float32 even when training under bf16/fp16 autocast: their rounding (2^-8 / 2^-11)
     # would swamp the within-class spread of a collapsed network, and with it NC1.
@@ -218,10 +218,33 @@ def _sync_buffers(model: nn.Module, d: _Dist) -> None:
             dist.broadcast(buf, 0)
 
 
-def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, *,
+        model: nn.Module | None = None, classifier: nn.Linear | None = None) -> RunResult:
     """Train ``cfg`` (see :mod:`ncfast.train.config`) and track neural collapse. Under torchrun
-    every process calls this; only rank 0 writes to ``<runs_dir>/<name>/``."""
+    every process calls this; only rank 0 writes to ``<runs_dir>/<name>/``.
+
+    ``model``: train your own ``nn.Module`` instead of building ``cfg.model`` (whose keys are
+    then not used). It maps a batch of the configured data set's inputs to logits (B, K); it is
+    moved to the run's device (and to channels_last if configured) and wrapped in DDP under
+    torchrun (each process passes an identically built instance: DDP starts every rank from
+    rank 0's weights). The features whose collapse is tracked are the inputs of
+    ``classifier``, by default the **last** ``nn.Linear`` in ``model.modules()`` (registration
+    order: the rule of :func:`ncfast.measure`); pass ``classifier`` when that is not the final
+    layer. Checkpoints hold the model's ``state_dict``, so ``resume=True`` needs the same model
+    again. Everything else (losses, optimisers, schedule, NC tracking, logs, exact resume) is
+    as for the built-in models.
+    """
     config_mod.validate(cfg)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"ncfast.train.run: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    if classifier is not None:
+        if not isinstance(classifier, nn.Linear):
+            raise TypeError(f"ncfast.train.run: classifier must be an nn.Linear, got "
+                            f"{type(classifier).__name__}")
+        if model is None or all(m is not classifier for m in model.modules()):
+            raise ValueError("ncfast.train.run: classifier must be a module of model (pass "
+                             "model= with it)")
     requested = "cuda" if cfg.device == "cuda" or (
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     d = _init_distributed(requested)
@@ -232,7 +255,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunR
         # Every data source yields labels in [0, K) (data.py checks K against the data), so
         # the loss need not read them back on CUDA: no host sync inside a training step.
         with losses.cuda_target_checks(False):
-            return _run(cfg, resume, overwrite, d)
+            return _run(cfg, resume, overwrite, d, model, classifier)
     finally:
         torch.use_deterministic_algorithms(deterministic[0])
         torch.backends.cudnn.benchmark = deterministic[1]
@@ -321,7 +344,8 @@ def _check_restored(cfg: TrainConfig, optimizer, scheduler, scaler, groups: list
                          f"got {restored!r}")
 
 
-def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult:
+def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist, user_model, classifier
+         ) -> RunResult:
     run_dir = Path(cfg.runs_dir) / cfg.name
     device = _device(cfg, d)
     if device.type == "cuda":
@@ -329,14 +353,15 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, d: _Dist) -> RunResult
     # Exclusive from here on; the folder itself is written only once everything has loaded.
     folder = _on_rank0(d, lambda: RunFolder(run_dir, resume, overwrite))
     try:
-        return _train(cfg, resume, d, device, run_dir, folder)
+        return _train(cfg, resume, d, device, run_dir, folder, user_model, classifier)
     finally:
         if folder is not None:
             folder.release()
 
 
 def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_dir: Path,
-           folder: RunFolder | None) -> RunResult:
+           folder: RunFolder | None, user_model: nn.Module | None,
+           classifier: nn.Linear | None) -> RunResult:
     _seed_everything(cfg.seed, cfg.deterministic)
 
     # Everything that can fail on bad input happens before the run folder is touched.
@@ -344,7 +369,22 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     splits.train_eval = class_subset(splits.train_eval, cfg.track.subset_per_class, cfg.seed)
     train_loader, train_eval_loader, test_loader = loaders(
         splits, cfg.data, cfg.seed, d.rank, d.world, device.type == "cuda")
-    model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(device)
+    if user_model is None:
+        model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(device)
+        classifier = model.fc  # every built-in model ends in this classifier
+    else:
+        model = user_model.to(device)
+        try:
+            classifier = classifier if classifier is not None else final_linear(model)
+        except ValueError:
+            raise ConfigError("ncfast.train.run: model has no nn.Linear to track neural "
+                              "collapse at; pass classifier=<its final linear layer>") from None
+        if classifier.out_features != splits.num_classes:
+            raise ConfigError(f"ncfast.train.run: the classifier ({classifier}) has "
+                              f"{classifier.out_features} outputs, but {cfg.data.name} has "
+                              f"{splits.num_classes} classes")
+    if cfg.log:  # on every rank, so all of them stop together
+        logs.check_available(cfg.log)
     last_batch = len(splits.train) // d.world % (cfg.data.batch_size // d.world)
     if last_batch == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                for m in model.modules()):
@@ -386,10 +426,11 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     if cfg.compile:
         net = torch.compile(net)
 
-    progress = report.Progress(cfg.progress and d.main)
+    progress = report.Progress(cfg.progress and d.main, cfg.progress_every)
+    arch = cfg.model.arch if user_model is None else type(model).__name__
     if cfg.progress and d.main:
         trainable = sum(p.numel() for p in params)
-        print(f"ncfast train: {run_dir} | {cfg.model.arch} ({trainable:,} trainable parameters) "
+        print(f"ncfast train: {run_dir} | {arch} ({trainable:,} trainable parameters) "
               f"on {cfg.data.name} ({len(splits.train):,} train / {len(splits.test):,} test, "
               f"{splits.num_classes} classes) | {cfg.loss.name}, {cfg.optim.name} lr "
               f"{peak_lr(cfg):g}, {cfg.epochs} epochs | {device.type} x {d.world}, "
@@ -397,6 +438,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
                   f", step {within.step} of the next" if within else "") if resume else ""),
               flush=True)
     metrics_file = (folder.path / ckpt.METRICS).open("a") if folder is not None else None
+    extra_logs = logs.RunLogs(folder.path, cfg.log, records, start_epoch if resume else None) \
+        if folder is not None and cfg.log else None
     tracked = _tracking_epochs(cfg)
 
     def emit(record: dict) -> None:
@@ -404,14 +447,18 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
         if metrics_file is not None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+        if extra_logs is not None:
+            extra_logs.write(record)
 
     def track(epoch: int) -> None:
         nonlocal track_time
         start = time.perf_counter()
         _sync_buffers(model, d)
-        emit(_measure_split(model, train_eval_loader, loss_fn, device, cfg, "train", epoch))
+        emit(_measure_split(model, classifier, train_eval_loader, loss_fn, device, cfg, "train",
+                            epoch))
         if cfg.track.test:
-            emit(_measure_split(model, test_loader, loss_fn, device, cfg, "test", epoch))
+            emit(_measure_split(model, classifier, test_loader, loss_fn, device, cfg, "test",
+                                epoch))
         track_time += time.perf_counter() - start
 
     def save(epoch: int, within: ckpt.EpochProgress | None = None) -> None:
@@ -474,10 +521,12 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if extra_logs is not None:
+            extra_logs.close()
         close_workers(train_loader, train_eval_loader, test_loader)
 
     if folder is not None:
-        report.plot(records, folder.path / ckpt.PLOT, f"{cfg.name}: {cfg.model.arch} on "
+        report.plot(records, folder.path / ckpt.PLOT, f"{cfg.name}: {arch} on "
                     f"{cfg.data.name}, {cfg.loss.name}, {cfg.optim.name}")
         if cfg.progress:
             print(report.summary(records, train_time, track_time))
@@ -549,9 +598,8 @@ def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, devi
         loss_sum += loss.detach().double() * y.numel()
         correct += (logits.argmax(1) == y).sum()
         seen += y.numel()
-        if progress.tty:
-            progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
-                            time.perf_counter() - start, loss)
+        progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
+                        time.perf_counter() - start, loss)
         step_done(epoch, i, batches, lambda: ckpt.EpochProgress(
             i, *_summed(loss_sum, correct, seen, d), time.perf_counter() - start))
     loss_total, correct_total, n = _summed(loss_sum, correct, seen, d)

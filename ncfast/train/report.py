@@ -1,4 +1,4 @@
-"""What a run shows: a progress line with throughput, the plots of NC1-NC4, accuracy and loss
+"""What a run shows: progress (a tqdm bar on a terminal, plain lines in logs), the plots of NC1-NC4, accuracy and loss
 against the epoch (log scales, as in the paper's figures) and the summary table at the end."""
 
 from __future__ import annotations
@@ -11,31 +11,48 @@ from .checkpoint import atomic_write
 
 
 class Progress:
-    """One line per epoch, redrawn in place on a terminal (batches, samples/s, running loss)."""
+    """Training progress. On a terminal: a tqdm bar per epoch (batches, samples/s, running
+    loss). Elsewhere (SLURM logs, files): a plain line every ``every`` steps (0: none). Either
+    way one line per finished epoch."""
 
-    def __init__(self, enabled: bool, stream=sys.stderr):
-        self.enabled, self.stream = enabled, stream
+    def __init__(self, enabled: bool, every: int = 0, stream=sys.stderr):
+        self.enabled, self.every, self.stream = enabled, every, stream
         self.tty = enabled and stream.isatty()
+        self._bar = None
         self._last = 0.0
 
     def update(self, epoch: int, epochs: int, batch: int, batches: int, samples: int,
                seconds: float, loss) -> None:
-        """``loss`` may be a device tensor: it is read (a host sync) only when the line is
-        redrawn, at most five times a second."""
-        now = time.perf_counter()
-        if not self.tty or (now - self._last < 0.2 and batch < batches):
+        """After step ``batch`` of ``batches``. ``loss`` may be a device tensor: it is read (a
+        host sync) only when shown: at most five times a second on a terminal, every ``every``
+        steps elsewhere."""
+        if not self.enabled:
             return
-        self._last = now
-        width = 24
-        filled = round(width * batch / max(batches, 1))
-        self.stream.write(f"\repoch {epoch}/{epochs} [{'=' * filled}{' ' * (width - filled)}] "
-                          f"{batch}/{batches}  {samples / max(seconds, 1e-9):,.0f} samples/s  "
-                          f"loss {float(loss):.4g}  ")
-        self.stream.flush()
+        if not self.tty:
+            if self.every and (batch % self.every == 0):
+                self.stream.write(f"epoch {epoch}/{epochs} step {batch}/{batches}  "
+                                  f"loss {float(loss.detach()):.4g}  "
+                                  f"{samples / max(seconds, 1e-9):,.0f} samples/s\n")
+                self.stream.flush()
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
+                             leave=False, file=self.stream, dynamic_ncols=True)
+        self._bar.update(batch - self._bar.n)
+        now = time.perf_counter()
+        if now - self._last >= 0.2 or batch == batches:
+            self._last = now
+            self._bar.set_postfix_str(f"loss {float(loss.detach()):.4g}  "
+                                      f"{samples / max(seconds, 1e-9):,.0f} samples/s")
 
     def epoch_done(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + line + "\n")
+            self.stream.write(line + "\n")
             self.stream.flush()
 
 
