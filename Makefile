@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 # The CUDA build, so the CUDA kernels compile and link even on a machine without a GPU.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := "scikit-build-core>=0.10" "cmake>=3.26" ninja
-RUNTIME_DEPS := numpy pytest pyyaml matplotlib scikit-learn
+RUNTIME_DEPS := numpy pytest pyyaml matplotlib scikit-learn tqdm
 # ncfast.integrations (optional for users: see the README's Dependencies); installed here so
 # the tests exercise every adapter.
-INTEGRATION_DEPS := torchmetrics lightning scipy curvlinops-for-pytorch
+INTEGRATION_DEPS := torchmetrics lightning scipy curvlinops-for-pytorch tensorboard
 OUT ?= bench-out
 
 .PHONY: run test build bench gpu-check clean
