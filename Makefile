@@ -11,15 +11,23 @@ RUNTIME_DEPS := numpy pytest pyyaml matplotlib scikit-learn tqdm
 # ncfast.integrations (optional for users: see the README's Dependencies); installed here so
 # the tests exercise every adapter.
 INTEGRATION_DEPS := torchmetrics lightning scipy curvlinops-for-pytorch tensorboard
+# The docs site (make docs): mkdocs with the API reference from the docstrings.
+DOCS_DEPS := mkdocs "mkdocstrings[python]"
 OUT ?= bench-out
 
-.PHONY: run test build bench gpu-check clean
+.PHONY: run test docs build bench gpu-check clean
 
 run: build
 	$(PY) -m ncfast train --overwrite
 
+# The suite, then the docs build (warnings are errors): CI runs exactly this.
 test: build
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory docs
+
+# The user guide, docs/theory.md and the API reference into site/; any warning fails the build.
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict --quiet
 
 bench: build
 	$(PY) -m bench.loss --device cpu --out bench/results/cpu.md
@@ -40,8 +48,9 @@ build: $(VENV)/.installed
 $(VENV)/.installed: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS) $(BUILD_DEPS) $(RUNTIME_DEPS) $(INTEGRATION_DEPS)
+	$(PY) -m pip install -q $(TORCH_PINS) $(BUILD_DEPS) $(RUNTIME_DEPS) $(INTEGRATION_DEPS) \
+		$(DOCS_DEPS)
 	touch $@
 
 clean:
-	rm -rf build
+	rm -rf build site

@@ -518,7 +518,11 @@ def linear_rescaled_mse_loss(
         features: (N, d) float32, float64, bfloat16 or float16.
         weight: (K, d), bias: optional (K,), both of the dtype of ``features``.
         target: (N,) int64 or int32 labels in [0, K), or ``ignore_index``.
-        k, M, normalize, reduction, ignore_index: as in :func:`ncfast.rescaled_mse_loss`.
+        k: as in :func:`ncfast.rescaled_mse_loss`.
+        M: as in :func:`ncfast.rescaled_mse_loss`.
+        normalize: as in :func:`ncfast.rescaled_mse_loss`.
+        reduction: as in :func:`ncfast.rescaled_mse_loss`.
+        ignore_index: as in :func:`ncfast.rescaled_mse_loss`.
         method: ``"gram"``, ``"chunked"`` or ``"auto"``:
 
             * ``"gram"`` never forms logits (theory.md 2.1): with G = W^T W (d x d),

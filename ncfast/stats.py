@@ -41,7 +41,8 @@ class ClassStats:
     second moment would cancel catastrophically.
 
     Args:
-        num_classes, dim: K and d.
+        num_classes: K, the number of classes.
+        dim: d, the feature width.
         device: where the state lives (default CPU).
         dtype: state dtype, float32 (default) or float64. bf16/fp16 features are accumulated in
             float32; other feature dtypes are converted to the state dtype.
@@ -60,10 +61,11 @@ class ClassStats:
             - ``True`` (default): immediate on CPU, where it costs nothing, deferred on CUDA.
             - ``False``: no check; the caller guarantees valid input (out-of-range labels are
               then clamped into range, never used as out-of-bounds addresses).
-        nc4_weight, nc4_bias, nc4_means: classifier (K, d), optional bias (K,) and the class
-            means of a *previous pass* (K, d); when given, ``update`` also counts samples whose
-            nearest class mean disagrees with the classifier's prediction (NC4, theory.md 5.6).
-            ``ncfast.measure`` makes that second sweep for you.
+        nc4_weight: the classifier (K, d). With ``nc4_means``, ``update`` also counts samples
+            whose nearest class mean disagrees with the classifier's prediction (NC4,
+            theory.md 5.6); ``ncfast.measure`` makes that second sweep for you.
+        nc4_bias: the classifier's optional bias (K,).
+        nc4_means: the class means (K, d) of a *previous pass*.
         buffer_rows: batches smaller than this are staged in a (buffer_rows, d) buffer and
             folded into the state a block at a time (when it is full, and before any read,
             merge or state_dict). Default: 2^23 / d rows (32 MiB of float32) in [256, 8192] on

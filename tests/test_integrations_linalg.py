@@ -14,7 +14,11 @@ import ncfast
 from ncfast import hessian
 from ncfast.integrations import as_linear_operator
 
-scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+try:  # the GPU machine may lack SciPy: only the tests that need it skip
+    import scipy.sparse.linalg as scipy_linalg
+except ImportError:
+    scipy_linalg = None
+needs_scipy = pytest.mark.skipif(scipy_linalg is None, reason="needs scipy")
 F64 = torch.float64
 
 
@@ -35,6 +39,7 @@ def dense(op, n):
     return torch.stack([op(e) for e in torch.eye(n, dtype=F64)], 1)
 
 
+@needs_scipy
 def test_ufm_hvp_as_a_scipy_operator_gives_eigsh_the_dense_spectrum():
     ufm = ncfast.ufm.UFM(K=3, d=4, n=2, lambda_W=1e-2, lambda_H=2e-2, alpha=3.0, M=2.0)
     point = ufm.random_init(generator=gen(0), scale=0.5)
@@ -52,6 +57,7 @@ def test_ufm_hvp_as_a_scipy_operator_gives_eigsh_the_dense_spectrum():
     np.testing.assert_allclose(op.rmatvec(v[:, 0]), H.numpy() @ v[:, 0], rtol=1e-10)
 
 
+@needs_scipy
 @pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
 def test_network_operator_as_a_scipy_operator(curvature):
     model, _, _, loader = tiny_network(3)
@@ -63,6 +69,7 @@ def test_network_operator_as_a_scipy_operator(curvature):
     np.testing.assert_allclose(top, exact[-2:], rtol=1e-8)
 
 
+@needs_scipy
 def test_a_plain_callable_needs_its_size():
     A = torch.randn(5, 5, generator=gen(4), dtype=F64)
     A = A + A.T
@@ -109,3 +116,23 @@ def test_curvlinops_operators_agree_with_ncfast_over_a_loader():
     res = hessian.lanczos(from_curvlinops(theirs), ours.n, 1, num_iter=ours.n, generator=gen(8))
     eig = torch.linalg.eigvalsh(exact)
     assert_close(res.eigenvalues, torch.stack([eig[0], eig[-1]]), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_network_operator_on_cuda_matches_the_cpu(curvature):
+    model, _, _, loader = tiny_network(9)
+    cpu = hessian.network_operator(model, nn.functional.cross_entropy, loader,
+                                   curvature=curvature)
+    want = dense(cpu, cpu.n)
+    gpu = hessian.network_operator(model.cuda(), nn.functional.cross_entropy, loader,
+                                   curvature=curvature)
+    assert gpu.device.type == "cuda"
+    V = torch.randn(cpu.n, 3, generator=gen(10), dtype=F64)
+    got = torch.stack([gpu(V[:, i].cuda()) for i in range(3)], 1).cpu()
+    assert_close(got, want @ V, rtol=1e-9, atol=1e-12)
+    if scipy_linalg is None:
+        return
+    top = np.sort(scipy_linalg.eigsh(as_linear_operator(gpu), k=2, which="LA",
+                                     return_eigenvectors=False))
+    np.testing.assert_allclose(top, torch.linalg.eigvalsh(want).numpy()[-2:], rtol=1e-8)

@@ -240,3 +240,14 @@ def test_lightning_callback_checks_its_arguments():
         NeuralCollapseCallback(every_n_epochs=-1)
     with pytest.raises(ValueError, match="epochs must be ints >= 0, got 1.5"):
         NeuralCollapseCallback(epochs=[1, 1.5])
+
+
+@pytest.mark.cuda
+def test_metric_on_cuda_matches_the_reference():
+    feats, labels = data(seed=6)
+    fc = nn.Linear(6, 4).double().cuda()
+    metric = NeuralCollapseMetric(4, 6, classifier=fc, dtype=torch.float64)
+    for i in range(0, len(labels), 25):
+        metric.update(feats[i:i + 25].cuda(), labels[i:i + 25].cuda())
+    assert metric.stats.device.type == "cuda"
+    check(metric.compute(), expected(feats, labels, 4, fc.cpu()))
