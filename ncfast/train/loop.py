@@ -32,8 +32,8 @@ from .runfolder import RunFolder
 
 # Keys that may change when a run is resumed (they do not change what is computed; name and
 # runs_dir let a copied or renamed run folder be resumed).
-RESUME_FREE = ("epochs", "name", "runs_dir", "progress", "progress_every", "log", "data.workers", "data.pin_memory",
-               "data.persistent_workers", "data.dir", "data.download")
+RESUME_FREE = ("epochs", "name", "runs_dir", "progress", "progress_every", "log", "data.workers",
+               "data.pin_memory", "data.persistent_workers", "data.dir", "data.download")
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,5 +1,6 @@
-"""What a run shows: progress (a tqdm bar on a terminal, plain lines in logs), the plots of NC1-NC4, accuracy and loss
-against the epoch (log scales, as in the paper's figures) and the summary table at the end."""
+"""What a run shows: progress (a tqdm bar on a terminal, plain lines in logs), the plots of
+NC1-NC4, accuracy and loss against the epoch (log scales, as in the paper's figures) and the
+summary table at the end."""
 
 from __future__ import annotations
 
