@@ -14,7 +14,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import ncfast
 from ncfast.train import ConfigError, load, run
 from ncfast.train import checkpoint as ckpt
 from ncfast.train.logs import scalars
@@ -60,15 +59,15 @@ def nc_records(result):
 
 def test_a_users_model_trains_with_nc_tracking_and_resumes_exactly(tmp_path):
     model = Plain()
-    full = run(quick(tmp_path, "name=full", "epochs=3"), model=model)
+    full = run(quick(tmp_path, "name=full"), model=model)
     last = nc_records(full)[-2]
-    assert (last["epoch"], last["split"]) == (3, "train")
+    assert (last["epoch"], last["split"]) == (2, "train")
     # The rule: the last nn.Linear is the classifier whose input is tracked.
     assert last["weight_norm"] == pytest.approx(float(model.net[2].weight.detach().norm()))
-    assert last["nc1"] < nc_records(full)[0]["nc1"]
+    assert last["loss"] < nc_records(full)[0]["loss"]  # it trained
 
-    run(quick(tmp_path, "name=cut", "epochs=2"), model=Plain())
-    resumed = run(quick(tmp_path, "name=cut", "epochs=3"), resume=True, model=Plain(seed=9))
+    run(quick(tmp_path, "name=cut", "epochs=1"), model=Plain())
+    resumed = run(quick(tmp_path, "name=cut"), resume=True, model=Plain(seed=9))
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
                         for r in rs]
     assert strip(resumed.records) == strip(full.records)
