@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue runs/<name> from its last checkpoint, with the config "
                              "saved there (overrides of epochs, workers, data.dir apply)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing runs/<name>")
+                        help="replace an existing run runs/<name> (never a folder that is not "
+                             "a run); the old run stays until the new one's first checkpoint")
     parser.add_argument("--data-dir", help="where the data set lives (the same as data.dir=...)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--list-keys", action="store_true",
