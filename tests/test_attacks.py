@@ -21,20 +21,7 @@ import torch
 
 from ncfast.train import load, run
 from ncfast.train import checkpoint as ckpt
-
-TINY = ["data.name=gaussian", "data.num_classes=3", "data.gaussian_dim=4",
-        "data.gaussian_train_per_class=10", "data.gaussian_test_per_class=4",
-        "data.batch_size=10", "model.hidden=[8]", "model.batch_norm=false", "epochs=2",
-        "track.every=2", "progress=false"]
-
-
-def tree_bytes(path: Path) -> dict:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
-
-
-def train_epochs(run_dir: Path) -> list[int]:
-    return [r["epoch"] for r in ckpt.read_metrics(run_dir / ckpt.METRICS) if r["kind"] == "train"]
+from test_run_folder import TINY, epochs_of, tree_bytes
 
 
 def forge(path: Path, edit, sign: bool = True) -> None:
@@ -180,8 +167,8 @@ ATTACKS = {
         r"checkpoint; start it again with --overwrite", unchanged),
     "resume-renamed-folder": (
         renamed, [], True, None,
-        lambda runs, before: train_epochs(runs / "moved") == [1, 2, 3]
-        or pytest.fail(f"epochs {train_epochs(runs / 'moved')}")),
+        lambda runs, before: epochs_of(runs / "moved") == [1, 2, 3]
+        or pytest.fail(f"epochs {epochs_of(runs / 'moved')}")),
     "binary-config-file": (
         binary_config, [], False, r"config file '.*c.bin' is not UTF-8 text \(byte 128",
         no_new_folder),
@@ -302,5 +289,5 @@ def test_two_runs_of_one_name_started_together(played):
     loser = first if first.returncode else second
     check_refused(loser, r"run folder '.*same' (is in use by another ncfast train process|"
                          r"already exists; pass --resume)")
-    assert train_epochs(together / "same") == [1, 2]  # every epoch once
+    assert epochs_of(together / "same") == [1, 2]  # every epoch once
     assert sorted(p.name for p in together.iterdir()) == ["same"]

@@ -10,21 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ncfast.train import ConfigError, load, run
+from ncfast.train import ConfigError, run
 from ncfast.train import checkpoint as ckpt
-
-TINY = ["data.name=gaussian", "data.num_classes=3", "data.gaussian_dim=4",
-        "data.gaussian_train_per_class=10", "data.gaussian_test_per_class=4",
-        "data.batch_size=10", "model.hidden=[8]", "model.batch_norm=false", "epochs=2",
-        "track.every=2", "progress=false"]
-
-
-def tiny(runs_dir, *extra):
-    return load(None, [*TINY, f"runs_dir={runs_dir}", *extra])
-
-
-def folder_bytes(path: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+from test_run_folder import tiny, tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +35,10 @@ def resume(run_dir):
 
 
 def refused(run_dir, match, error=ckpt.CheckpointError):
-    before = folder_bytes(run_dir)
+    before = tree_bytes(run_dir)
     with pytest.raises(error, match=match):
         resume(run_dir)
-    assert folder_bytes(run_dir) == before
+    assert tree_bytes(run_dir) == before
 
 
 def rewrite(path: Path, edit) -> None:
@@ -186,8 +174,8 @@ def test_config_yaml_is_not_rewritten_before_the_load_succeeds(copy):
 
 
 def test_resume_with_another_config_is_refused(copy):
-    before = folder_bytes(copy)
+    before = tree_bytes(copy)
     with pytest.raises(ConfigError, match=r"cannot resume with a different config "
                                           r"\(optim.lr: 0.5 -> 0.1\)"):
         run(tiny(copy.parent, "epochs=3", "optim.lr=0.1"), resume=True)
-    assert folder_bytes(copy) == before
+    assert tree_bytes(copy) == before
