@@ -179,3 +179,21 @@ def test_resume_with_another_config_is_refused(copy):
                                           r"\(optim.lr: 0.5 -> 0.1\)"):
         run(tiny(copy.parent, "epochs=3", "optim.lr=0.1"), resume=True)
     assert tree_bytes(copy) == before
+
+
+@pytest.mark.parametrize("entry, value", [
+    ("numpy", ["MT19937", torch.zeros(3, dtype=torch.int64), 0, 0, 0.0]),
+    ("python", [3, [1, 2], None]),
+    ("torch", torch.zeros(3, dtype=torch.uint8)),
+], ids=["numpy-short", "python-short", "torch-short"])
+def test_a_malformed_rng_state_leaves_every_rng_as_it_was(entry, value):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with pytest.raises(ckpt.CheckpointError, match=r"the checkpoint's RNG state is malformed"):
+        ckpt.set_rng_state({**state, entry: value})
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]

@@ -129,8 +129,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`; a state of the wrong shape raises CheckpointError and
-    changes no RNG."""
+    """Restore :func:`rng_state`; a state of the wrong shape raises CheckpointError and leaves
+    every RNG as it was."""
+    saved_torch = torch.get_rng_state()
+    saved_numpy = None
     try:
         version, internal, gauss = state["python"]
         python = (version, tuple(internal), gauss)
@@ -138,27 +140,25 @@ def set_rng_state(state: dict) -> None:
         torch_state = state["torch"]
         if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8):
             raise TypeError("torch state must be a uint8 tensor")
-        saved_torch = torch.get_rng_state()
         torch.set_rng_state(torch_state)
-        numpy = state.get("numpy")
-        if numpy is not None:
+        if state.get("numpy") is not None:
             import numpy as np
 
-            name, keys, pos, has_gauss, cached = numpy
-            np_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-            try:
-                np.random.RandomState().set_state(np_state)
-            except Exception:
-                torch.set_rng_state(saved_torch)
-                raise
-            np.random.set_state(np_state)
+            name, keys, pos, has_gauss, cached = state["numpy"]
+            saved_numpy = np.random.get_state()
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         if "cuda" in state and torch.cuda.is_available():
             cuda = state["cuda"]
             if not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and
                                                    t.dtype == torch.uint8 for t in cuda)):
                 raise TypeError("cuda state must be a list of uint8 tensors")
             torch.cuda.set_rng_state_all(cuda)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+    except Exception as err:  # whatever a malformed state makes the setters raise
+        torch.set_rng_state(saved_torch)
+        if saved_numpy is not None:
+            import numpy as np
+
+            np.random.set_state(saved_numpy)
         raise CheckpointError(f"cannot resume: the checkpoint's RNG state is malformed "
                               f"({type(err).__name__}: {err})") from None
     random.setstate(python)
