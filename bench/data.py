@@ -176,6 +176,24 @@ def fed_rate(step, cfg, device: torch.device, steps: int) -> float:
         return samples / (time.perf_counter() - start)
 
 
+def _measured(measure, *args):
+    """``measure(*args)``, or the error that stopped it as the table's entry (a machine whose
+    /dev/shm cannot hold the workers' batches fails that case, not the whole benchmark)."""
+    try:
+        return float(measure(*args))
+    except Exception as err:  # noqa: BLE001 - reported in the table instead
+        print(f"failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return f"failed: {type(err).__name__}: {' '.join(str(err).split())[:120]}"
+
+
+def _shm() -> str:
+    try:
+        st = os.statvfs("/dev/shm")
+        return f"{st.f_blocks * st.f_frsize / 2**30:.1f} GiB"
+    except OSError:
+        return "n/a"
+
+
 def gate(root: Path, device: torch.device) -> None:
     """Before timing: the GPU path's decode + augmentation equals the CPU decode's with the same
     crops (within two uint8 levels on average: the decoders' IDCT and chroma upsampling; a
@@ -223,7 +241,7 @@ def main(argv=None) -> None:
                         f"flip + normalise, batch {s['batch']}, ResNet-50 (ImageNet stem, "
                         f"K={K}) {precision}, SGD; each file {EPOCH_REPEATS} times an epoch; "
                         f"images/s from the first batch on, for at least {min_seconds:g} s; "
-                        f"CPU cores visible: {os.cpu_count()}"})
+                        f"CPU cores visible: {os.cpu_count()}; /dev/shm {_shm()}"})
         others = harness.OtherCpuUse()
         gate(root, device)
 
@@ -240,27 +258,30 @@ def main(argv=None) -> None:
         cases = [("cpu", w) for w in s["workers"]] + [("cuda", w) for w in s["gpu_workers"]]
         for decode_on, workers in cases:
             cfg = train_config(root, s["batch"], workers, decode_on)
-            rate = pipeline_rate(cfg, device, min_seconds)
             path = ("PIL in the workers" if decode_on == "cpu" else
                     "data.decode=cuda: workers read, nvJPEG + device augmentation")
-            rows.append({"path": path, "workers": workers, "images/s": f"{rate:,.0f}",
-                         "per worker": f"{rate / max(workers, 1):,.0f}",
-                         "vs model step rate": harness.fmt_ratio(rate / model_rate)})
-            print(f"done: {decode_on} decode, {workers} workers: {rate:,.0f} images/s",
-                  file=sys.stderr, flush=True)
+            rate = _measured(pipeline_rate, cfg, device, min_seconds)
+            rows.append({"path": path, "workers": workers, **(
+                {"images/s": f"{rate:,.0f}", "per worker": f"{rate / max(workers, 1):,.0f}",
+                 "vs model step rate": harness.fmt_ratio(rate / model_rate)}
+                if isinstance(rate, float) else {"images/s": rate})})
+            print(f"done: {decode_on} decode, {workers} workers: {rows[-1]['images/s']} "
+                  f"images/s", file=sys.stderr, flush=True)
 
         fed_rows = []
         if s["fed_steps"]:
             for decode_on, workers in (("cpu", s["workers"][-1]), ("cuda", s["gpu_workers"][-1])):
                 cfg = train_config(root, s["batch"], workers, decode_on)
                 with ncfast.cuda_target_checks(False):
-                    rate = fed_rate(step, cfg, device, s["fed_steps"])
+                    rate = _measured(fed_rate, step, cfg, device, s["fed_steps"])
+                ok = isinstance(rate, float)
                 fed_rows.append({"input": f"data.decode={decode_on}, {workers} workers",
-                                 "training samples/s": f"{rate:,.0f}",
+                                 "training samples/s": f"{rate:,.0f}" if ok else rate,
                                  "inputs on the device": f"{model_rate:,.0f}",
-                                 "share of the device-resident rate": f"{rate / model_rate:.1%}"})
-                print(f"done: fed by {decode_on}: {rate:,.0f} samples/s", file=sys.stderr,
-                      flush=True)
+                                 "share of the device-resident rate":
+                                     f"{rate / model_rate:.1%}" if ok else ""})
+                print(f"done: fed by {decode_on}: {fed_rows[-1]['training samples/s']} "
+                      f"samples/s", file=sys.stderr, flush=True)
         harness.close_environment(env, others)
 
     sections = [
