@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ncfast.train import gpu_decode
-from ncfast.train.data import IMAGENET_MEAN, IMAGENET_STD
+from ncfast.train.data import (IMAGENET_MEAN, IMAGENET_STD, JpegFiles, collate_files,
+                               derived_seed)
 
 SIZE = 48
 
@@ -139,18 +140,18 @@ def test_device_augmentation_of_an_uncropped_image_is_a_resize(tmp_path):
     assert (out - expected).abs().max() <= 1.0  # PIL rounds to uint8; the device path does not
 
 
-def test_jpeg_files_and_batch_seeds(tmp_path):
+def test_jpeg_files_and_derived_seeds(tmp_path):
     from torchvision.datasets import ImageFolder
 
     (tmp_path / "a").mkdir()
     jpeg_files(tmp_path / "a", count=2)
-    files = gpu_decode.JpegFiles(ImageFolder(str(tmp_path)))
+    files = JpegFiles(ImageFolder(str(tmp_path)))
     data, label = files[1]
     assert data.dtype == torch.uint8 and label == 0
     assert bytes(data.numpy()) == (tmp_path / "a" / "1.jpg").read_bytes()
-    batch, labels = gpu_decode.collate_files([files[0], files[1]])
+    batch, labels = collate_files([files[0], files[1]])
     assert len(batch) == 2 and labels.tolist() == [0, 0]
-    seeds = {gpu_decode.batch_seed(6, e, s) for e in range(3) for s in range(100)}
+    seeds = {derived_seed(6, e, s) for e in range(3) for s in range(100)}
     assert len(seeds) == 300 and all(0 <= x < 2**63 for x in seeds)
 
 

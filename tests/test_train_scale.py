@@ -8,8 +8,8 @@ from test_train import QUICK, killed_then_resumed, quick
 
 from ncfast.train import ConfigError, load, run
 from ncfast.train import checkpoint as ckpt
-from ncfast.train.data import (SeededAugment, TrainOrder, class_subset, load_splits,
-                               sample_seed)
+from ncfast.train.data import (SeededAugment, TrainOrder, class_subset, derived_seed,
+                               load_splits)
 from ncfast.train.loop import peak_lr, warmup_factor
 
 
@@ -66,7 +66,7 @@ def test_augmentation_seeds_are_per_sample_and_leave_the_callers_generator_alone
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(a, data[(3, 1)])
     assert not torch.equal(a, data[(3, 2)]) and not torch.equal(a - 3, data[(2, 1)] - 2)
-    assert len({sample_seed(6, e, i) for e in range(4) for i in range(1000)}) == 4000
+    assert len({derived_seed(6, e, i) for e in range(4) for i in range(1000)}) == 4000
 
 
 def test_nc_tracking_on_a_fixed_per_class_subset(tmp_path):

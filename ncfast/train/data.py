@@ -10,11 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import (DataLoader, Dataset, Sampler, Subset,
-                              TensorDataset)
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from .config import ConfigError, DataConfig, show_value
-from .gpu_decode import JpegFiles, collate_files
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -144,6 +142,27 @@ def torchvision_dataset(cfg: DataConfig) -> Splits:
     return Splits(train, train_eval, test, K, (channels, size, size))
 
 
+class JpegFiles(Dataset):
+    """An ImageFolder's training samples as raw file bytes (uint8 tensors) and labels: all a
+    loader worker does with data.decode='cuda' (gpu_decode decodes and augments)."""
+
+    def __init__(self, folder):
+        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label
+
+
+def collate_files(batch):
+    """A batch of files stays a list (the images differ in size until they are decoded)."""
+    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+
+
 def image_folder(cfg: DataConfig) -> Splits:
     """An ImageFolder tree: data.dir/train/<class>/*.jpg and data.dir/val (or test)/<class>/."""
     try:
@@ -254,9 +273,10 @@ class TrainOrder(Sampler):
         return iter([(i, self.epoch) for i in mine] if self.keyed else mine)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch: a function of these alone."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) & (2**63 - 1)
+def derived_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of one sample (SeededAugment) or one batch (the GPU path) in one
+    epoch: a function of these alone."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + position) & (2**63 - 1)
 
 
 class SeededAugment(Dataset):
@@ -274,7 +294,7 @@ class SeededAugment(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
@@ -310,7 +330,7 @@ def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, c
     per_rank = cfg.batch_size // world
     eval_batch = max(1, cfg.eval_batch_size // world)
     train_set = splits.train
-    augmented = not isinstance(train_set, (InMemory, JpegFiles))  # JpegFiles: seeded per batch
+    augmented = not isinstance(train_set, (InMemory, JpegFiles))  # JpegFiles: per batch
     if augmented:
         train_set = SeededAugment(train_set, seed)
     sampler = TrainOrder(len(train_set), rank, world, seed, keyed=augmented)

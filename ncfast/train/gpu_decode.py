@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+
+from .data import derived_seed
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not installed here);
 # the GPU machine's torchvision 0.26 has them without the warning.
@@ -26,32 +27,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 # torchvision's RandomResizedCrop defaults (Szegedy et al.'s Inception crop)
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
-
-
-class JpegFiles(Dataset):
-    """An ImageFolder's training samples as raw file bytes (uint8 tensors) and labels: all a
-    loader worker does on the GPU path."""
-
-    def __init__(self, folder):
-        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label
-
-
-def collate_files(batch):
-    """A batch of files stays a list (the images differ in size until they are decoded)."""
-    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
-
-
-def batch_seed(seed: int, epoch: int, step: int) -> int:
-    """The augmentation seed of one batch: a function of (seed, epoch, step) alone."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + step) & (2**63 - 1)
 
 
 def crop_boxes(sizes: Sequence[tuple[int, int]], generator: torch.Generator,
@@ -129,7 +104,7 @@ class GpuPipeline:
         self.device, self.size, self.mean, self.std, self.seed = device, size, mean, std, seed
 
     def batch(self, files, labels, epoch: int, step: int):
-        gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, step))
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, step))
         x = augment(decode(files, self.device), self.size, self.mean, self.std, gen)
         return x, labels.to(self.device, non_blocking=True)
 

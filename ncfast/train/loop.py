@@ -25,8 +25,9 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import logs, report, sync_batch_norm
 from .config import ConfigError, TrainConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD, class_subset, close_workers, load_splits, loaders
-from .gpu_decode import GpuPipeline, JpegFiles
+from .data import (IMAGENET_MEAN, IMAGENET_STD, JpegFiles, class_subset, close_workers,
+                   load_splits, loaders)
+from .gpu_decode import GpuPipeline
 from .models import build_model
 from .runfolder import RunFolder
 
