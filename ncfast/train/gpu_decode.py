@@ -65,25 +65,23 @@ def augment(images: Sequence[torch.Tensor], size: int, mean: Sequence[float],
             std: Sequence[float], generator: torch.Generator, scale=SCALE,
             ratio=RATIO) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip + ToTensor + Normalize(mean,
-    std) of a
-    list of uint8 (3, H, W) images of any sizes, on their device: a (B, 3, size, size) float32
-    batch. Bilinear resizing with antialiasing, as PIL resizes on the CPU path (without its
-    rounding to uint8 in between)."""
+    std) of a list of uint8 (3, H, W) images of any sizes, on their device: a (B, 3, size,
+    size) float32 batch. Bilinear resizing with antialiasing, as PIL resizes on the CPU path
+    (without its rounding to uint8 in between)."""
     device = images[0].device
     boxes = crop_boxes([tuple(img.shape[1:]) for img in images], generator, scale,
                        ratio).tolist()
-    flips = torch.rand(len(images), generator=generator) < 0.5
+    flips = (torch.rand(len(images), generator=generator) < 0.5).tolist()
     out = torch.empty(len(images), 3, size, size, device=device)
-    for i, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
+    # Host values only (boxes, flips, mean, std): nothing here waits for the device.
+    for i, (img, (top, left, h, w), flip) in enumerate(zip(images, boxes, flips)):
         crop = img[None, :, top:top + h, left:left + w].float()
-        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                               antialias=True)[0]
-    flipped = flips.nonzero().flatten().to(device)
-    if len(flipped):
-        out[flipped] = out[flipped].flip(-1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    return out.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True)[0]
+        out[i] = resized.flip(-1) if flip else resized
+    for c in range(3):  # ToTensor's 1/255 and Normalize in one multiply-add per channel
+        out[:, c].mul_(1.0 / (255.0 * std[c])).sub_(mean[c] / std[c])
+    return out
 
 
 def decode(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
