@@ -4,7 +4,7 @@
 
 #include <atomic>
 #include <cmath>
-#include <optional>
+#include <initializer_list>
 
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
@@ -77,29 +77,96 @@ void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target,
   }
 }
 
-void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  if (target.numel() == 0) {
+void check_reduced_args(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0,
+                    cat(kOp, ": scale must be finite and > 0, got ", scale));
+}
+
+void check_reduced_backward_args(const at::Tensor& grad, const at::Tensor& row_scale,
+                                 const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(grad.dim() == 0, cat(kOp, ": grad must be 0-D (the loss is), got ",
+                                         describe(grad)));
+  TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), cat(kOp, ": grad must be ",
+                   py_dtype(logits.scalar_type()), " like the logits, got ",
+                   py_dtype(grad.scalar_type())));
+  TORCH_CHECK_VALUE(row_scale.dim() == 0, cat(kOp, ": row_scale must be 0-D, got ",
+                                              describe(row_scale)));
+  TORCH_CHECK_TYPE(row_scale.scalar_type() == loss_dtype(logits.scalar_type()), cat(kOp,
+                   ": row_scale must be ", py_dtype(loss_dtype(logits.scalar_type())), " for ",
+                   py_dtype(logits.scalar_type()), " logits, got ",
+                   py_dtype(row_scale.scalar_type())));
+  for (const at::Tensor* t : {&grad, &row_scale}) {
+    TORCH_CHECK_VALUE(t->device() == logits.device(), cat(kOp,
+                      ": grad and row_scale must be on the same device as logits (",
+                      logits.device(), "), got ", t->device()));
+  }
+}
+
+std::string_view label_error_op(int32_t op) {
+  return op == 1 ? "ncfast.linear_rescaled_mse_loss" : kOp;
+}
+
+int32_t label_error_op_code(std::string_view name) {
+  for (int32_t op : {0, 1}) {
+    if (label_error_op(op) == name) return op;
+  }
+  TORCH_CHECK_VALUE(false, cat("ncfast.check_labels: op must be 'ncfast.rescaled_mse_loss' or "
+                               "'ncfast.linear_rescaled_mse_loss', got '", std::string(name),
+                               "'"));
+  return 0;
+}
+
+namespace {
+
+void raise_label_error(int32_t op, int64_t num_classes, int64_t ignore_index, int64_t value) {
+  TORCH_CHECK_VALUE(false, cat(std::string(label_error_op(op)), ": target values must be in [0, ",
+                               num_classes, ") or ignore_index=", ignore_index, ", got ", value));
+}
+
+std::atomic<LabelErrorSlot*> g_slots{nullptr};
+std::atomic<void (*)(int)> g_rearm{nullptr};
+
+}  // namespace
+
+void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index,
+                         int32_t op) {
+  TORCH_INTERNAL_ASSERT(target.is_cpu());
+  const at::Tensor t = target.contiguous();
+  AT_DISPATCH_INDEX_TYPES(t.scalar_type(), "check_target_values", [&] {
+    const index_t* y = t.const_data_ptr<index_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) {  // a plain scan: no temporaries
+      const int64_t v = y[i];
+      if (v != ignore_index && (v < 0 || v >= num_classes)) {
+        raise_label_error(op, num_classes, ignore_index, v);
+      }
+    }
+  });
+}
+
+void install_label_error_slots(LabelErrorSlot* slots, void (*rearm)(int device)) {
+  g_rearm.store(rearm);
+  g_slots.store(slots);
+}
+
+void raise_pending_label_errors() {
+  LabelErrorSlot* slots = g_slots.load(std::memory_order_acquire);
+  if (slots == nullptr) {
     return;
   }
-  const auto is_bad = [&](int64_t v) { return v != ignore_index && (v < 0 || v >= num_classes); };
-  std::optional<int64_t> first_bad;
-  if (target.is_cpu()) {  // a plain scan: no temporaries, no dispatcher round trips
-    const at::Tensor t = target.contiguous();
-    AT_DISPATCH_INDEX_TYPES(t.scalar_type(), "check_target_values", [&] {
-      const index_t* y = t.const_data_ptr<index_t>();
-      for (int64_t i = 0; i < t.numel() && !first_bad; ++i) {
-        if (is_bad(y[i])) first_bad = y[i];
-      }
-    });
-  } else {  // device tensors: reduce there, read back one flag (the host sync)
-    const at::Tensor bad =
-        target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
-    if (bad.any().item<bool>()) {
-      first_bad = target.masked_select(bad)[0].item<int64_t>();
+  for (int device = 0; device < kMaxDevices; ++device) {
+    LabelErrorSlot& slot = slots[device];
+    // Written by the device: read through volatile, the payload only after `ready`.
+    if (*static_cast<volatile int32_t*>(&slot.ready) == 0) {
+      continue;
     }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const auto* p = static_cast<volatile LabelErrorSlot*>(&slot);
+    const int32_t op = p->op;
+    const int64_t value = p->value, K = p->num_classes, ignore_index = p->ignore_index;
+    *static_cast<volatile int32_t*>(&slot.ready) = 0;
+    g_rearm.load()(device);  // the next bad label on this device is recorded again
+    raise_label_error(op, K, ignore_index, value);
   }
-  TORCH_CHECK_VALUE(!first_bad, cat(kOp, ": target values must be in [0, ", num_classes,
-                    ") or ignore_index=", ignore_index, ", got ", first_bad.value_or(int64_t{0})));
 }
 
 bool cuda_target_checks_enabled() { return g_cuda_target_checks.load(); }

@@ -9,12 +9,26 @@ TORCH_LIBRARY(ncfast, m) {
   // Rescaled MSE (theory.md 2.1): per-sample loss sum_j w_j (z_j - M [j = y])^2 with
   // w_j = k on the target class and 1 elsewhere; rows whose label is ignore_index give 0.
   m.def("rescaled_mse(Tensor logits, Tensor target, float k, float M, int ignore_index) -> Tensor");
-  // grad_logits[i, j] = 2 grad[i] w_ij (z_ij - M [j = y_i]); zero on ignored rows. Labels are
-  // range-checked by the forward op only (no second host sync on CUDA); an out-of-range label
-  // here matches no class.
+  // Labels are range-checked by the forward ops: on CPU at once, on CUDA on the device (the row
+  // gets zero loss, the label is raised by the next loss op or ncfast.check_errors()). Every op
+  // treats a row whose label is out of range like an ignored row. Autograd: loss_autograd.cpp.
+  // grad_logits[i, j] = 2 grad[i] w_ij (z_ij - M [j = y_i]); zero on rows that do not count.
   m.def(
       "rescaled_mse_backward(Tensor grad, Tensor logits, Tensor target, float k, float M, "
       "int ignore_index) -> Tensor");
+  // The reduced loss in one pass: loss = row_scale * sum_i loss_i over counted rows, in the
+  // logits' dtype (summed in float64, deterministically), with row_scale = scale / #counted
+  // rows if mean else scale (a 0-dim tensor of the accumulate type, kept for the backward).
+  m.def(
+      "rescaled_mse_reduced(Tensor logits, Tensor target, float k, float M, int ignore_index, "
+      "float scale, bool mean) -> (Tensor loss, Tensor row_scale)");
+  // grad_logits[i, j] = 2 grad row_scale w_ij (z_ij - M [j = y_i]) on counted rows, in one pass.
+  m.def(
+      "rescaled_mse_reduced_backward(Tensor grad, Tensor row_scale, Tensor logits, "
+      "Tensor target, float k, float M, int ignore_index) -> Tensor");
+  // The label rule alone, for the fused linear loss: raises at once on CPU, records on the
+  // device on CUDA (no host sync). op names the public function in the message.
+  m.def("check_labels(Tensor target, int num_classes, int ignore_index, str op) -> ()");
 
   // Class statistics (theory.md 5.8, shifted form): one pass over a batch. Row i of class k is
   // shifted by shift[k] (the class's reference point); returns per-class counts, sums and
@@ -54,4 +68,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("cuda_target_checks_enabled", &ncfast::cuda_target_checks_enabled);
   m.def("set_cuda_target_checks", &ncfast::set_cuda_target_checks, pybind11::arg("enabled"));
+  m.def("raise_pending_label_errors", &ncfast::raise_pending_label_errors,
+        "Raise the first label error recorded on a CUDA device and not yet raised.");
 }

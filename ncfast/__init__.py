@@ -30,9 +30,9 @@ def _load_extension():
 
 _C = _load_extension()
 
-from . import _ops  # noqa: E402  (registers fakes, autograd and vmap rules)
+from . import _ops  # noqa: E402  (registers fakes and vmap rules)
 from .losses import (  # noqa: E402
-    RescaledMSELoss, cuda_target_checks, rescaled_mse_loss, set_cuda_target_checks)
+    RescaledMSELoss, check_errors, cuda_target_checks, rescaled_mse_loss, set_cuda_target_checks)
 from .linear_loss import LinearRescaledMSELoss, linear_rescaled_mse_loss  # noqa: E402
 from .stats import ClassStats  # noqa: E402
 from .measurement import Measurement, measure  # noqa: E402
@@ -54,6 +54,7 @@ __all__ = [
     "LinearRescaledMSELoss",
     "RescaledMSELoss",
     "build_info",
+    "check_errors",
     "cuda_target_checks",
     "linear_rescaled_mse_loss",
     "rescaled_mse_loss",

@@ -1,16 +1,12 @@
-"""Fake (meta) implementations, autograd formulas and vmap rules of the ncfast ops.
+"""Fake (meta) implementations, vmap rules and torch.func autograd of the ncfast ops.
 
-Each op is a forward op plus a differentiable `<op>_backward` op (csrc/registration.cpp).
-Two autograd paths share the formulas below:
-
-* `torch.library.register_autograd` on the ops themselves: what `torch.compile`, opcheck and
-  direct `torch.ops.ncfast.*` calls use;
-* an `autograd.Function` per op, used by the public functions while a torch.func transform or
-  forward-mode AD is active: torch (<= 2.14) runs register_autograd ops under no torch.func
-  transform and gives them no forward-mode derivative, while the Function adds
-  `setup_context`, `jvp` and a vmap rule, so `grad`, `jvp(grad(...))`, `vmap` and `hessian`
-  work. Dynamo cannot trace a Function with a custom jvp, and the Function costs about twice
-  the op path per call, hence two paths (`rescaled_mse_per_sample` picks one).
+Each loss op is a forward op plus a differentiable backward op (csrc/registration.cpp); their
+autograd is registered in C++ (csrc/loss_autograd.cpp), which serves eager calls, direct
+`torch.ops.ncfast.*` calls, double backward, opcheck and `torch.compile`. torch (<= 2.14) runs
+such ops under no torch.func transform and gives them no forward-mode derivative, so the public
+functions take an `autograd.Function` per op while a torch.func transform or forward-mode AD is
+active: it adds `setup_context`, `jvp` and a vmap rule, so `grad`, `jvp(grad(...))`, `vmap` and
+`hessian` work (`rescaled_mse_per_sample` picks the path).
 """
 
 from __future__ import annotations
@@ -36,7 +32,11 @@ def _describe(t: Tensor) -> str:
 def check_rescaled_mse_args(
     logits: Tensor, target: Tensor, k: float, M: float, grad: Tensor | None = None
 ) -> None:
-    """The checks of csrc/loss_validation.cpp, same order and messages (for the fakes)."""
+    """The checks of csrc/loss_validation.cpp, same order and messages (for the fakes), after
+    the Python-only rule that both are tensors."""
+    for name, value in (("logits", logits), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(value).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"{_OP}: logits must be 2-D (batch, classes), got {_describe(logits)}")
     if not logits.dtype.is_floating_point:
@@ -93,6 +93,25 @@ def _rescaled_mse_backward_fake(grad, logits, target, k, M, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("ncfast::rescaled_mse_reduced")
+def _rescaled_mse_reduced_fake(logits, target, k, M, ignore_index, scale, mean):
+    check_rescaled_mse_args(logits, target, k, M)
+    if not (0 < scale < float("inf")):
+        raise ValueError(f"{_OP}: scale must be finite and > 0, got {scale:g}")
+    return logits.new_empty(()), logits.new_empty((), dtype=loss_dtype(logits.dtype))
+
+
+@torch.library.register_fake("ncfast::rescaled_mse_reduced_backward")
+def _rescaled_mse_reduced_backward_fake(grad, row_scale, logits, target, k, M, ignore_index):
+    check_rescaled_mse_args(logits, target, k, M)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ncfast::check_labels")
+def _check_labels_fake(target, num_classes, ignore_index, op):
+    return None
+
+
 # ---- formulas (theory.md 2.4), written against a `backward` callable so both paths share them
 
 def _rows_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -127,48 +146,6 @@ def _backward_tangent(backward, grad, logits, target, k, M, ignore_index, d_grad
     return out
 
 
-# ---- path 1: register_autograd on the ops
-
-def _setup_forward(ctx, inputs, output):
-    logits, target, ctx.k, ctx.M, ctx.ignore_index = inputs
-    ctx.save_for_backward(logits, target)
-
-
-def _op_backward_of_forward(ctx, grad):
-    logits, target = ctx.saved_tensors
-    d_logits = None
-    if ctx.needs_input_grad[0]:
-        # Without create_graph nothing differentiates the backward op: skip its autograd layer.
-        first_order = not torch.is_grad_enabled() and _plain_eager()
-        with _below_autograd() if first_order else contextlib.nullcontext():
-            d_logits = _ops.rescaled_mse_backward(
-                grad, logits, target, ctx.k, ctx.M, ctx.ignore_index
-            )
-    return d_logits, None, None, None, None
-
-
-def _setup_backward(ctx, inputs, output):
-    grad, logits, target, ctx.k, ctx.M, ctx.ignore_index = inputs
-    ctx.save_for_backward(grad, logits, target)
-
-
-def _op_backward_of_backward(ctx, v):
-    grad, logits, target = ctx.saved_tensors
-    d_grad, d_logits = _backward_vjp(
-        _ops.rescaled_mse_backward, grad, logits, target, ctx.k, ctx.M, ctx.ignore_index, v,
-        ctx.needs_input_grad,
-    )
-    return d_grad, d_logits, None, None, None, None
-
-
-torch.library.register_autograd(
-    "ncfast::rescaled_mse", _op_backward_of_forward, setup_context=_setup_forward
-)
-torch.library.register_autograd(
-    "ncfast::rescaled_mse_backward", _op_backward_of_backward, setup_context=_setup_backward
-)
-
-
 # ---- vmap: the ops work row by row, so a vmapped call is one call on the flattened rows
 
 def _batched(x: Tensor, dim: int | None, size: int) -> Tensor:
@@ -198,25 +175,27 @@ torch.library.register_vmap("ncfast::rescaled_mse", _rescaled_mse_vmap)
 torch.library.register_vmap("ncfast::rescaled_mse_backward", _rescaled_mse_backward_vmap)
 
 
-# ---- path 2: autograd.Functions for eager mode and torch.func
+# ---- autograd.Functions for torch.func and forward-mode AD
+
+# Private torch state, looked up once and read defensively: when it cannot be read,
+# _plain_eager answers False, which only costs speed.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_forward_ad = torch.autograd.forward_ad
+_is_compiling = torch.compiler.is_compiling
+
 
 def _plain_eager() -> bool:
     """True unless a torch.func transform or a forward-mode AD level is active (those need the
-    autograd.Functions) or dynamo is tracing. Private torch state, read defensively: when it
-    cannot be read, answer False, which only costs speed."""
-    if torch.compiler.is_compiling():
+    autograd.Functions) or dynamo is tracing."""
+    if _is_compiling() or _transforms_active is None:
         return False
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    forward_level = getattr(torch.autograd.forward_ad, "_current_level", None)
-    if transforms_active is None or forward_level is None:
-        return False
-    return not transforms_active() and forward_level < 0
+    return not _transforms_active() and getattr(_forward_ad, "_current_level", 0) < 0
 
 
 def _below_autograd():
     """Inside an autograd.Function the ops need no autograd of their own: skipping their
-    (Python) register_autograd layer saves tens of microseconds per call. Private torch API,
-    so fall back to the plain call if it ever disappears."""
+    autograd kernel saves work per call. Private torch API, so fall back to the plain call if
+    it ever disappears."""
     guard = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
     return guard() if guard is not None else contextlib.nullcontext()
 
@@ -231,8 +210,9 @@ class _RescaledMSE(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_forward(ctx, inputs, output)
-        ctx.save_for_forward(inputs[0], inputs[1])
+        logits, target, ctx.k, ctx.M, ctx.ignore_index = inputs
+        ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
 
     @staticmethod
     def backward(ctx, grad):
@@ -262,8 +242,9 @@ class _RescaledMSEBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_backward(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:3])
+        grad, logits, target, ctx.k, ctx.M, ctx.ignore_index = inputs
+        ctx.save_for_backward(grad, logits, target)
+        ctx.save_for_forward(grad, logits, target)
 
     @staticmethod
     def backward(ctx, v):
@@ -288,9 +269,9 @@ def rescaled_mse_per_sample(
 ) -> Tensor:
     """Differentiable per-sample loss sum_j w_ij (z_ij - M [j = y_i])^2 (0 on ignored rows).
 
-    The ops' own autograd serves compiled and plain eager code (it is the cheaper path); the
-    autograd.Function only serves torch.func transforms and forward-mode AD."""
-    if torch.compiler.is_compiling() or _plain_eager():
+    The ops' own (C++) autograd serves compiled and plain eager code; the autograd.Function
+    only serves torch.func transforms and forward-mode AD."""
+    if _is_compiling() or _plain_eager():
         return _ops.rescaled_mse(logits, target, k, M, ignore_index)
     return _RescaledMSE.apply(logits, target, k, M, ignore_index)
 
@@ -300,7 +281,7 @@ def rescaled_mse_logit_grad(
 ) -> Tensor:
     """Differentiable 2 grad_i w_ij (z_ij - M [j = y_i]): the backward op, through the same
     path choice as :func:`rescaled_mse_per_sample`."""
-    if torch.compiler.is_compiling() or _plain_eager():
+    if _is_compiling() or _plain_eager():
         return _ops.rescaled_mse_backward(grad, logits, target, k, M, ignore_index)
     return _RescaledMSEBackward.apply(grad, logits, target, k, M, ignore_index)
 

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _C
 from ._gram import symmetric_gram
 from ._ops import _describe, _plain_eager, loss_dtype, rescaled_mse_per_sample
-from .losses import check_loss_options, cuda_target_checks
+from .losses import check_loss_options
 
 _OP = "ncfast.linear_rescaled_mse_loss"
 METHODS = ("auto", "gram", "chunked")
@@ -33,8 +32,9 @@ _ops = torch.ops.ncfast
 
 # ------------------------------------------------------------------------------- checks
 
-def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size) -> None:
-    check_loss_options(k, M, normalize, reduction, op=_OP)
+def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size,
+                   ignore_index) -> None:
+    check_loss_options(k, M, normalize, reduction, op=_OP, ignore_index=ignore_index)
     if method not in METHODS:
         raise ValueError(f"{_OP}: method must be 'auto', 'gram' or 'chunked', got {method!r}")
     if chunk_size is not None:
@@ -99,34 +99,17 @@ def check_linear_args(features: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def _target_rows(target: Tensor, K: int, ignore_index: int):
-    """(valid, has_target, safe): rows that count; rows whose label is a class (an unchecked
-    out-of-range label, possible on CUDA with the checks off, matches no class, as in the plain
-    loss); labels safe to gather with (0 where there is no class)."""
-    valid = target != ignore_index
-    has_target = valid & (target >= 0) & (target < K)
-    return valid, has_target, torch.where(has_target, target, 0).long()
+    """(counted, safe): rows that count (not ignored, and a label in [0, K): an unchecked CUDA
+    label outside the range counts nowhere, as in the plain loss); labels safe to gather with
+    (0 where the row does not count)."""
+    counted = (target != ignore_index) & (target >= 0) & (target < K)
+    return counted, torch.where(counted, target, 0).long()
 
 
-def _bad_labels(target: Tensor, valid: Tensor, has_target: Tensor) -> Tensor | None:
-    """Mask of out-of-range labels, or None when the check is off (CUDA, see
-    ncfast.set_cuda_target_checks, or while a CUDA graph is captured)."""
-    if target.is_cuda and (not _C.cuda_target_checks_enabled()
-                           or torch.cuda.is_current_stream_capturing()):
-        return None
-    return valid & ~has_target
-
-
-def _raise_bad_label(target: Tensor, bad: Tensor, K: int, ignore_index: int) -> None:
-    value = int(target[bad][0])
-    raise ValueError(f"{_OP}: target values must be in [0, {K}) or ignore_index={ignore_index}, "
-                     f"got {value}")
-
-
-def _check_target_values(target: Tensor, K: int, ignore_index: int) -> None:
-    valid, has_target, _ = _target_rows(target, K, ignore_index)
-    bad = _bad_labels(target, valid, has_target)
-    if bad is not None and bool(bad.any()):
-        _raise_bad_label(target, bad, K, ignore_index)
+def _check_labels(target: Tensor, K: int, ignore_index: int) -> None:
+    """The label rule: raises at once for CPU labels; on CUDA the check runs on the device and a
+    bad label is raised later (ncfast.check_errors), with no host sync here."""
+    _ops.check_labels(target, K, ignore_index, _OP)
 
 
 def select_method(N: int, K: int, d: int) -> str:
@@ -215,7 +198,7 @@ def _guard(loss: Tensor, sq_norm: Tensor, size: Tensor, valid: Tensor,
 def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
     N, K = X.shape[0], W.shape[0]
     acc = loss_dtype(X.dtype)
-    valid, has_target, safe = _target_rows(target, K, ignore_index)
+    counted, safe = _target_rows(target, K, ignore_index)
     # The first K x d x d product. With K >> d each block still has a long inner dimension, so
     # 8 blocks (9/16 of the flops) beat 4: 3.54 ms against 3.91 for 131072 x 4096 on the H200.
     G = symmetric_gram(W, lambda a, b: _mm_to(a, b, acc), max_blocks=8)
@@ -233,23 +216,15 @@ def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
     zy = _rows_dot(X, W.index_select(0, safe), acc)
     if b is not None:
         zy += b_acc.index_select(0, safe)
-    value, size = _target_terms(zy, has_target, k, M)
+    value, size = _target_terms(zy, counted, k, M)
     loss = sq_norm + value
-    exact = _guard(loss, sq_norm, size, valid, X.dtype)
-    loss = torch.where(valid & ~exact, loss, 0)
-
-    bad = _bad_labels(target, valid, has_target)
-    flags = torch.stack([exact.any(), bad.any() if bad is not None else exact.new_zeros(())])
-    any_exact, any_bad = flags.tolist()  # one host sync on CUDA
-    if any_bad:
-        _raise_bad_label(target, bad, K, ignore_index)
-    if any_exact:
-        rows = exact.nonzero().flatten()
-        with cuda_target_checks(False):  # checked once for the whole call
-            for start in range(0, rows.numel(), chunk):
-                r = rows[start:start + chunk]
-                z = F.linear(X.index_select(0, r), W, b)
-                loss[r] = _ops.rescaled_mse(z, target.index_select(0, r), k, M, ignore_index)
+    exact = _guard(loss, sq_norm, size, counted, X.dtype)
+    loss = torch.where(counted & ~exact, loss, 0)
+    rows = exact.nonzero().flatten()  # one host sync on CUDA
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk]
+        z = F.linear(X.index_select(0, r), W, b)
+        loss[r] = _ops.rescaled_mse(z, target.index_select(0, r), k, M, ignore_index)
     return loss, saved, exact
 
 
@@ -263,14 +238,14 @@ def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, 
     N, K = X.shape[0], W.shape[0]
     acc = saved.dtype
     need_x, need_w, need_b = needs
-    valid, has_target, safe = _target_rows(target, K, ignore_index)
-    gp = torch.where(valid & ~exact, 2 * g, 0)
+    counted, safe = _target_rows(target, K, ignore_index)
+    gp = torch.where(counted & ~exact, 2 * g, 0)
     w_y = W.index_select(0, safe)
     b_acc = b.to(acc) if b is not None else None
     zy = _rows_dot(X, w_y, acc)
     if b is not None:
         zy += b_acc.index_select(0, safe)
-    u = torch.where(has_target, (k - 1) * zy - k * M, 0)
+    u = torch.where(counted, (k - 1) * zy - k * M, 0)
     c = gp * u
 
     grad_x = grad_w = grad_b = None
@@ -328,13 +303,11 @@ def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, 
 
 def _chunked_forward(X, W, b, target, k, M, ignore_index, chunk):
     N, K = X.shape[0], W.shape[0]
-    _check_target_values(target, K, ignore_index)
     loss = X.new_empty(N, dtype=loss_dtype(X.dtype))
-    with cuda_target_checks(False):  # checked once for the whole call
-        for start in range(0, N, chunk):
-            z = F.linear(X[start:start + chunk], W, b)
-            loss[start:start + chunk] = _ops.rescaled_mse(z, target[start:start + chunk], k, M,
-                                                          ignore_index)
+    for start in range(0, N, chunk):
+        z = F.linear(X[start:start + chunk], W, b)
+        loss[start:start + chunk] = _ops.rescaled_mse(z, target[start:start + chunk], k, M,
+                                                      ignore_index)
     return loss
 
 
@@ -362,21 +335,46 @@ def _chunked_backward(g, X, W, b, target, k, M, ignore_index, chunk, needs):
 
 # ------------------------------------------------------------------------------------- ops
 
-@torch.library.custom_op("ncfast::linear_rescaled_mse", mutates_args=())
-def linear_rescaled_mse_op(
-    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, k: float,
-    M: float, ignore_index: int, method: str, chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample unnormalised loss of z = features W^T + bias (0 on ignored rows), in the
-    accumulate dtype; also, for the backward, X W^T W + 2 (W^T bias) rows with W^T bias
+def _forward(features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, k: float,
+             M: float, ignore_index: int, method: str, chunk_size: int,
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample unnormalised loss of z = features W^T + bias (0 on rows that do not count), in
+    the accumulate dtype; also, for the backward, X W^T W + 2 (W^T bias) rows with W^T bias
     appended ((N + 1, d)), and the rows the guard recomputed from their logits (both empty for
     method "chunked")."""
-    check_linear_args(features, weight, bias, target)
+    _check_labels(target, weight.shape[0], ignore_index)
     if method == "gram":
         return _gram_forward(features, weight, bias, target, k, M, ignore_index, chunk_size)
     loss = _chunked_forward(features, weight, bias, target, k, M, ignore_index, chunk_size)
     acc = loss.dtype
     return loss, features.new_empty(0, 0, dtype=acc), features.new_empty(0, dtype=torch.bool)
+
+
+def _backward_first_order(grad, features, weight, bias, target, saved, exact, k, M,
+                          ignore_index, method, chunk_size, need_features, need_weight,
+                          need_bias) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """First-order gradients (features, weight, bias) of sum_i grad_i loss_i (None where not
+    asked for)."""
+    needs = (need_features, need_weight, need_bias and bias is not None)
+    if method == "gram":
+        return _gram_backward(grad, features, weight, bias, target, saved, exact, k, M,
+                              ignore_index, chunk_size, needs)
+    return _chunked_backward(grad, features, weight, bias, target, k, M, ignore_index,
+                             chunk_size, needs)
+
+
+# Custom ops: what torch.compile sees. Eager calls go through _LinearLoss below instead: calling
+# a Python custom op imports torch._dynamo and sympy (about 2 s on first use), and adds a
+# dispatcher round trip in Python per call.
+
+@torch.library.custom_op("ncfast::linear_rescaled_mse", mutates_args=())
+def linear_rescaled_mse_op(
+    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, k: float,
+    M: float, ignore_index: int, method: str, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """See _forward."""
+    check_linear_args(features, weight, bias, target)
+    return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk_size)
 
 
 @linear_rescaled_mse_op.register_fake
@@ -397,17 +395,12 @@ def linear_rescaled_mse_backward_op(
     saved: Tensor, exact: Tensor, k: float, M: float, ignore_index: int, method: str,
     chunk_size: int, need_features: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """First-order gradients (features, weight, bias) of sum_i grad_i loss_i; an output not asked
-    for is an empty tensor. It has no autograd of its own: the forward op's autograd calls it
-    only when no graph is being built, and differentiates a plain-torch form of the loss
-    otherwise (double backward)."""
-    needs = (need_features, need_weight, need_bias and bias is not None)
-    if method == "gram":
-        out = _gram_backward(grad, features, weight, bias, target, saved, exact, k, M,
-                             ignore_index, chunk_size, needs)
-    else:
-        out = _chunked_backward(grad, features, weight, bias, target, k, M, ignore_index,
-                                chunk_size, needs)
+    """_backward_first_order, an output not asked for as an empty tensor. It has no autograd of
+    its own: the forward op's autograd calls it only when no graph is being built, and
+    differentiates a plain-torch form of the loss otherwise (double backward)."""
+    out = _backward_first_order(grad, features, weight, bias, target, saved, exact, k, M,
+                                ignore_index, method, chunk_size, need_features, need_weight,
+                                need_bias)
     return tuple(t if t is not None else features.new_empty(0) for t in out)
 
 
@@ -436,7 +429,7 @@ def _per_sample_math(X, W, b, target, k, M, ignore_index, method, chunk, exact=N
                                          k, M, ignore_index).to(acc)
                  for s in range(0, X.shape[0], chunk)]
         return torch.cat(parts) if parts else X.new_zeros(0, dtype=acc)
-    valid, has_target, safe = _target_rows(target, K, ignore_index)
+    counted, safe = _target_rows(target, K, ignore_index)
     Xa, Wa = X.to(acc), W.to(acc)
     t = Xa @ (Wa.T @ Wa)
     if b is not None:
@@ -447,11 +440,11 @@ def _per_sample_math(X, W, b, target, k, M, ignore_index, method, chunk, exact=N
     if b is not None:
         sq_norm = sq_norm + (ba * ba).sum()
         zy = zy + ba[safe]
-    value, size = _target_terms(zy, has_target, k, M)
+    value, size = _target_terms(zy, counted, k, M)
     loss = sq_norm + value
     if exact is None:
-        exact = _guard(loss.detach(), sq_norm.detach(), size.detach(), valid, X.dtype)
-    loss = torch.where(valid & ~exact, loss, 0)
+        exact = _guard(loss.detach(), sq_norm.detach(), size.detach(), counted, X.dtype)
+    loss = torch.where(counted & ~exact, loss, 0)
     rows = exact.nonzero().flatten()
     if rows.numel():
         exact_loss = rescaled_mse_per_sample(F.linear(X[rows], W, b), target[rows], k, M,
@@ -469,11 +462,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(features, weight, bias, target, saved, exact)
 
 
-def _backward(ctx, grad, _grad_saved, _grad_exact):
+def _backward(ctx, grad, _grad_saved, _grad_exact, through_op=True):
+    """The backward of both paths: the custom op's (through_op: the backward op, which tracing
+    sees as one opaque call) and _LinearLoss's (its implementation, called directly)."""
     features, weight, bias, target, saved, exact = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:3])
     args = (ctx.k, ctx.M, ctx.ignore_index, ctx.method, ctx.chunk)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not through_op:
+            grads = _backward_first_order(grad, features, weight, bias, target, saved, exact,
+                                          *args, *needs)
+            return (*grads, *(None,) * 6)
         grads = _ops.linear_rescaled_mse_backward(grad, features, weight, bias, target, saved,
                                                   exact, *args, *needs)
         return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 6)
@@ -492,6 +491,21 @@ def _backward(ctx, grad, _grad_saved, _grad_exact):
 
 torch.library.register_autograd("ncfast::linear_rescaled_mse", _backward,
                                 setup_context=_setup_context)
+
+
+class _LinearLoss(torch.autograd.Function):
+    """The eager path: the op's implementation and the same autograd formulas, without the
+    custom op's wrapper."""
+
+    @staticmethod
+    def forward(features, weight, bias, target, k, M, ignore_index, method, chunk):
+        return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad, grad_saved, grad_exact):
+        return _backward(ctx, grad, grad_saved, grad_exact, through_op=False)
 
 
 # -------------------------------------------------------------------------------- public API
@@ -556,11 +570,12 @@ def linear_rescaled_mse_loss(
     training steps. Not supported: ``vmap`` (hence ``torch.func.hessian``), and double backward
     through a compiled function.
 
-    Host synchronisation on CUDA: the label-range check (see
-    :func:`ncfast.set_cuda_target_checks`), and the gram path's guard reads one flag per forward
-    and its row list per backward.
+    Host synchronisation on CUDA: labels are checked on the device, as in the plain loss (see
+    :func:`ncfast.check_errors`), so the chunked method never waits for the host; the gram
+    path's guard still reads its list of rows to recompute, once per forward and once per
+    backward.
     """
-    _check_options(k, M, normalize, reduction, method, chunk_size)
+    _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index)
     check_linear_args(features, weight, bias, target)
     N, d = features.shape
     K = weight.shape[0]
@@ -569,10 +584,12 @@ def linear_rescaled_mse_loss(
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(K)
     args = (float(k), float(M), int(ignore_index), method, chunk)
 
-    if torch.compiler.is_compiling() or _plain_eager():
+    if torch.compiler.is_compiling():
         per_sample = _ops.linear_rescaled_mse(features, weight, bias, target, *args)[0]
+    elif _plain_eager():
+        per_sample = _LinearLoss.apply(features, weight, bias, target, *args)[0]
     else:  # torch.func transforms, forward-mode AD
-        _check_target_values(target, K, int(ignore_index))
+        _check_labels(target, K, int(ignore_index))
         per_sample = _per_sample_math(features, weight, bias, target, *args)
     if normalize == "element":
         per_sample = per_sample / K
@@ -580,7 +597,7 @@ def linear_rescaled_mse_loss(
         return per_sample.to(features.dtype)
     total = per_sample.sum()
     if reduction == "mean":
-        total = total / (target != ignore_index).sum()
+        total = total / _target_rows(target, K, int(ignore_index))[0].sum()
     return total.to(features.dtype)
 
 
@@ -603,7 +620,7 @@ class LinearRescaledMSELoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check_options(k, M, normalize, reduction, method, chunk_size)
+        _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index)
         self.k, self.M = float(k), float(M)
         self.normalize, self.reduction = normalize, reduction
         self.ignore_index = int(ignore_index)

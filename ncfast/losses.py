@@ -3,35 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from . import _C
-from ._ops import check_rescaled_mse_args, loss_dtype, rescaled_mse_per_sample
+from ._ops import _is_compiling, _plain_eager, check_rescaled_mse_args, loss_dtype, \
+    rescaled_mse_per_sample
 
 _OP = "ncfast.rescaled_mse_loss"
+_reduced = torch.ops.ncfast.rescaled_mse_reduced.default
 NORMALIZE = ("sample", "element")
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def set_cuda_target_checks(enabled: bool) -> bool:
-    """Turn the CUDA label-range check on or off; returns the previous setting.
+    """Turn the recording of bad CUDA labels on or off; returns the previous setting.
 
-    On CUDA the check reads the labels back (one host synchronisation per loss call). With it
-    off, out-of-range labels raise nothing: such a row is treated as if no class matched (every
-    entry weighted 1 with target 0); memory stays safe, since labels are only compared. The
-    check is always on for CPU tensors and always skipped while a CUDA graph is captured.
+    On CUDA the loss kernels check the labels on the device, with no host synchronisation (see
+    :func:`check_errors`). With the check off, a label outside [0, K) that is not ignore_index
+    raises nothing: its row still counts nowhere (zero loss, zero gradient, not in the mean's
+    denominator). CPU labels are always checked, and raise at once.
     """
     return bool(_C.set_cuda_target_checks(bool(enabled)))
 
 
 @contextlib.contextmanager
 def cuda_target_checks(enabled: bool) -> Iterator[None]:
-    """``set_cuda_target_checks(enabled)`` inside the block, the previous setting after it. For
-    labels already known to be in range, e.g. those of a validated data set, so that a training
-    step never waits for the host."""
+    """``set_cuda_target_checks(enabled)`` inside the block, the previous setting after it."""
     previous = set_cuda_target_checks(enabled)
     try:
         yield
@@ -39,7 +40,25 @@ def cuda_target_checks(enabled: bool) -> Iterator[None]:
         set_cuda_target_checks(previous)
 
 
-def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: str = _OP) -> None:
+def check_errors() -> None:
+    """Wait for the work queued on every CUDA device, then raise (``ValueError``) the first
+    label error that a loss kernel recorded there and that was not raised yet.
+
+    A CUDA loss call never waits for its labels to be checked: a kernel that meets a label
+    outside [0, K) that is not ``ignore_index`` gives that row zero loss and zero gradient (and
+    leaves it out of the mean's denominator) and records the label on the device. The error
+    is raised, naming the value, by the first ncfast loss call (forward or backward, plain or
+    linear loss) that starts after that kernel has finished on the device, or by this
+    function, which waits for it. CPU labels raise at once, in the call that got them.
+    """
+    if torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
+    _C.raise_pending_label_errors()
+
+
+def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: str = _OP,
+                       ignore_index: int = -100) -> None:
     """The option rules every rescaled-MSE entry point shares; ``op`` names it in messages."""
     if normalize not in NORMALIZE:
         raise ValueError(f"{op}: normalize must be 'sample' or 'element', got {normalize!r}")
@@ -53,6 +72,12 @@ def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: s
         raise ValueError(f"{op}: k must be finite and > 0, got {k:g}")
     if not abs(M) < float("inf"):
         raise ValueError(f"{op}: M must be finite, got {M:g}")
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
+                                          or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__} "
+                        f"{ignore_index!r}")
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ValueError(f"{op}: ignore_index must fit in int64, got {ignore_index}")
 
 
 def _check_weight(name: str, w: Tensor, length: int, what: str, logits: Tensor) -> None:
@@ -112,39 +137,51 @@ def rescaled_mse_loss(
     works under ``torch.func`` (grad, jvp, vmap, hessian) and ``torch.compile``.
 
     Errors (ValueError / TypeError) name the argument, the rule and the value, and are the same
-    on every device. On CUDA the label range check reads the labels (one host sync); see
-    :func:`ncfast.set_cuda_target_checks`.
+    on every device. CPU labels are checked at once; CUDA labels on the device, with no host
+    synchronisation: a bad label's row counts nowhere and the error is raised by a later call
+    (see :func:`ncfast.check_errors`).
+
+    Cost: without weights and with reduction "mean" or "sum", one fused op each way (the forward
+    kernel returns the reduced loss, summed in float64 in a fixed order: deterministic; the
+    backward writes the gradient in one pass), with autograd in C++.
     """
-    check_loss_options(k, M, normalize, reduction)
+    check_loss_options(k, M, normalize, reduction, ignore_index=ignore_index)
     # The op checks the same again; checking here first keeps argument errors in Python, where
     # they are raised the same way whatever C++ toolchain built the extension.
     check_rescaled_mse_args(logits, target, k, M)
-    per_sample = rescaled_mse_per_sample(logits, target, float(k), float(M), int(ignore_index))
     B, K = logits.shape
-    if normalize == "element":
-        per_sample = per_sample / K
-
-    acc = loss_dtype(logits.dtype)
-    coeff = None  # c_i, the product of the given weights
+    if weight is None and sample_weight is None and reduction != "none" and (
+            _is_compiling() or _plain_eager()):
+        scale = 1.0 / K if normalize == "element" else 1.0
+        return _reduced(logits, target, float(k), float(M), int(ignore_index), scale,
+                        reduction == "mean")[0]
     if weight is not None:
         _check_weight("weight", weight, K, "one per class", logits)
-        safe_target = torch.where(target == ignore_index, 0, target)
-        coeff = weight.to(acc).gather(0, safe_target.long())
     if sample_weight is not None:
         _check_weight("sample_weight", sample_weight, B, "one per row of logits", logits)
+
+    per_sample = rescaled_mse_per_sample(logits, target, float(k), float(M), int(ignore_index))
+    if normalize == "element":
+        per_sample = per_sample / K
+    acc = loss_dtype(logits.dtype)
+    # Rows that count: not ignored, label a class (an unchecked CUDA label outside [0, K) counts
+    # nowhere). The weights of other rows are never read, so a NaN there changes nothing.
+    counts = (target != ignore_index) & (target >= 0) & (target < K)
+    coeff = None  # c_i, the product of the given weights
+    if weight is not None:
+        coeff = weight.to(acc).gather(0, torch.where(counts, target, 0).long())
+    if sample_weight is not None:
         sw = sample_weight.to(acc)
         coeff = sw if coeff is None else coeff * sw
     if coeff is not None:
-        valid = (target != ignore_index).to(acc)
-        coeff = coeff * valid  # ignored rows leave the weighted denominator too
+        coeff = torch.where(counts, coeff, 0)  # not coeff * mask: NaN * 0 is NaN
         per_sample = per_sample * coeff
 
     if reduction == "none":
         return per_sample.to(logits.dtype)
     total = per_sample.sum()
     if reduction == "mean":
-        denom = coeff.sum() if coeff is not None else (target != ignore_index).sum()
-        total = total / denom
+        total = total / (coeff.sum() if coeff is not None else counts.sum())
     return total.to(logits.dtype)
 
 
@@ -164,7 +201,7 @@ class RescaledMSELoss(nn.Module):
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        check_loss_options(k, M, normalize, reduction)
+        check_loss_options(k, M, normalize, reduction, ignore_index=ignore_index)
         self.k, self.M = float(k), float(M)
         self.normalize, self.reduction = normalize, reduction
         self.ignore_index = int(ignore_index)

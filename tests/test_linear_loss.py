@@ -109,30 +109,34 @@ def test_int32_targets_and_non_contiguous_inputs(device):
         assert_close(out, ref)
 
 
-def test_auto_rule():
+def test_auto_rule(monkeypatch):
     assert select_method(2048, 32768, 256) == "gram"
     assert select_method(8192, 131072, 4096) == "gram"
     assert select_method(256, 10, 512) == "chunked"  # K < d
     assert select_method(64, 100000, 512) == "chunked"  # N < d: the K d^2 products dominate
     assert select_method(0, 100, 4) == "chunked"
+    methods = []
+    forward = ncfast.linear_loss._forward
+
+    def spy(*args):
+        methods.append(args[7])
+        return forward(*args)
+
+    monkeypatch.setattr(ncfast.linear_loss, "_forward", spy)
     for shape, method in [((40, 3, 60), "gram"), ((40, 8, 5), "chunked")]:
         X, W, b, y, _ = make_case(shape, torch.float64, "cpu", {})
-        with OutputLog() as log:
-            ncfast.linear_rescaled_mse_loss(X, W, y, b)
-        assert log.methods == [method]
+        ncfast.linear_rescaled_mse_loss(X, W, y, b)
+        assert methods.pop() == method
 
 
 class OutputLog(TorchDispatchMode):
-    """Records the largest tensor any op returns, and the method of each fused-loss call."""
+    """Records the largest tensor any op returns."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
-        self.methods = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.ncfast.linear_rescaled_mse.default:
-            self.methods.append(args[7])
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
