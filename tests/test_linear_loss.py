@@ -419,11 +419,14 @@ def test_out_of_range_labels(device, method, labels, K, ignore_index, bad):
     W = torch.randn(K, 3, device=device)
     y = torch.tensor(labels, device=device)
     expected = f"{P}target values must be in [0, {K}) or ignore_index={ignore_index}, got {bad}"
+    # CPU raises in the call; CUDA records on the device, raised by check_errors.
     with pytest.raises(ValueError, match=re.escape(expected)):
         ncfast.linear_rescaled_mse_loss(X, W, y, ignore_index=ignore_index, method=method)
+        ncfast.check_errors()
     with pytest.raises(ValueError, match=re.escape(expected)):  # the torch.func path too
         torch.func.grad(lambda X: ncfast.linear_rescaled_mse_loss(
             X, W, y, ignore_index=ignore_index, method=method))(X)
+        ncfast.check_errors()
 
 
 @pytest.mark.cuda
@@ -435,3 +438,38 @@ def test_device_mismatch_errors():
     with pytest.raises(ValueError, match=re.escape(
             P + "target must be on the same device as features (cuda:0), got cpu")):
         ncfast.linear_rescaled_mse_loss(X, torch.randn(4, 3, device="cuda"), torch.tensor([0, 1]))
+
+
+# ---- issue 13: no host sync on CUDA, no torch._dynamo on first use
+
+@pytest.mark.cuda
+def test_cuda_label_error_is_deferred():
+    X = torch.randn(4, 3, device="cuda")
+    W = torch.randn(5, 3, device="cuda")
+    y = torch.tensor([0, 1, 9, 2], device="cuda")
+    for method in METHODS:
+        per = ncfast.linear_rescaled_mse_loss(X, W, y, method=method, reduction="none")
+        assert per[2].item() == 0  # the bad row counts nowhere
+        with pytest.raises(ValueError) as info:
+            ncfast.check_errors()
+        assert str(info.value) == ("ncfast.linear_rescaled_mse_loss: target values must be in "
+                                   "[0, 5) or ignore_index=-100, got 9")
+
+
+def test_first_call_imports_no_dynamo():
+    # Calling a Python custom op imports torch._dynamo and sympy (about 2 s and 190 MiB); the
+    # eager path must not.
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch, ncfast\n"
+        "x = torch.randn(8, 4, requires_grad=True); w = torch.randn(10, 4, requires_grad=True)\n"
+        "y = torch.randint(0, 10, (8,))\n"
+        "for method in ('gram', 'chunked'):\n"
+        "    ncfast.linear_rescaled_mse_loss(x, w, y, method=method).backward()\n"
+        "ncfast.rescaled_mse_loss(x @ w.T, y).backward()\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip() == "[]"

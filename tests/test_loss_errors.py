@@ -110,21 +110,30 @@ def test_out_of_range_labels(device, labels, K, ignore_index, bad, target_dtype)
     target = torch.tensor(labels, dtype=target_dtype, device=device)
     expected = (f"{P}target values must be in [0, {K}) or ignore_index={ignore_index}, "
                 f"got {bad}")
-    with pytest.raises(ValueError, match=re.escape(expected)):
-        ncfast.rescaled_mse_loss(logits, target, ignore_index=ignore_index)
+    for reduction in ("mean", "none"):  # the fused op, and the per-row op
+        # CPU raises in the call; CUDA records on the device, raised by check_errors.
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            ncfast.rescaled_mse_loss(logits, target, ignore_index=ignore_index,
+                                     reduction=reduction)
+            ncfast.check_errors()
 
 
-def test_backward_op_treats_unchecked_labels_as_no_class(device):
-    # Labels are validated by the forward op; called directly, the backward op neither syncs
-    # nor reads out of bounds: an out-of-range row is a plain 2 g z.
+def test_ops_give_rows_with_out_of_range_labels_zero(device):
+    # Labels are validated by the forward ops; called directly, the backward ops neither sync
+    # nor read out of bounds: a row whose label is out of range gets zero gradient, as an
+    # ignored row does.
     logits = torch.randn(3, 4, device=device, dtype=torch.float64)
     target = torch.tensor([1, 9, -3], device=device)
     grad = torch.tensor([1.0, 2.0, 3.0], device=device, dtype=torch.float64)
+    expected = torch.zeros_like(logits)
+    expected[0] = 2 * logits[0]
+    expected[0, 1] = 2 * 3.0 * (logits[0, 1] - 2.0)
     out = torch.ops.ncfast.rescaled_mse_backward(grad, logits, target, 3.0, 2.0, -100)
-    torch.testing.assert_close(out[1:], 2 * grad[1:, None] * logits[1:])
-    expected0 = 2 * logits[0]
-    expected0[1] = 2 * 3.0 * (logits[0, 1] - 2.0)
-    torch.testing.assert_close(out[0], expected0)
+    torch.testing.assert_close(out, expected)
+    one = torch.ones((), device=device, dtype=torch.float64)
+    out = torch.ops.ncfast.rescaled_mse_reduced_backward(one, one, logits, target, 3.0, 2.0,
+                                                         -100)
+    torch.testing.assert_close(out, expected)
 
 
 def test_ignore_index_inside_the_class_range_is_allowed(device):
@@ -158,16 +167,64 @@ def test_device_mismatch_errors():
                                  weight=torch.ones(3))
 
 
+LABEL_MESSAGE = P + "target values must be in [0, 3) or ignore_index=-100, got 7"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_label_error_is_raised_by_the_next_call(reduction):
+    logits = torch.randn(2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    bad, good = torch.tensor([0, 7], device="cuda"), torch.tensor([0, 1], device="cuda")
+    loss = ncfast.rescaled_mse_loss(logits, bad, reduction=reduction)  # no sync, no error yet
+    # The bad row counts nowhere: zero loss, zero gradient, not in the mean's denominator.
+    expected = ncfast.rescaled_mse_loss(logits[:1], bad[:1], reduction=reduction)
+    torch.testing.assert_close(loss[:1] if reduction == "none" else loss, expected)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert grad[1].eq(0).all() and grad[0].ne(0).all()
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError) as info:
+        ncfast.rescaled_mse_loss(logits, good)  # the next call raises the recorded label
+    assert str(info.value) == LABEL_MESSAGE
+    ncfast.rescaled_mse_loss(logits, good)  # raised once; the device records again
+    ncfast.rescaled_mse_loss(logits, bad)
+    with pytest.raises(ValueError) as info:
+        ncfast.check_errors()  # waits for the device, then raises
+    assert str(info.value) == LABEL_MESSAGE
+    ncfast.check_errors()
+
+
 @pytest.mark.cuda
 def test_cuda_target_checks_can_be_turned_off():
     logits = torch.randn(2, 3, device="cuda", dtype=torch.float64)
     target = torch.tensor([0, 7], device="cuda")
     with ncfast.cuda_target_checks(False):
         per = ncfast.rescaled_mse_loss(logits, target, reduction="none")
-    # An unchecked out-of-range label matches no class: the row is a plain sum of squares.
-    torch.testing.assert_close(per[1], (logits[1] ** 2).sum())
-    with pytest.raises(ValueError):
-        ncfast.rescaled_mse_loss(logits, target)
+    ncfast.check_errors()  # nothing was recorded
+    assert per[1].item() == 0  # an unchecked out-of-range label still counts nowhere
+    ncfast.rescaled_mse_loss(logits, target)
+    with pytest.raises(ValueError, match=re.escape(LABEL_MESSAGE)):
+        ncfast.check_errors()
+
+
+@pytest.mark.cuda
+def test_default_cuda_path_never_syncs():
+    # Issue 13: the default loss and the linear loss's chunked method, forward and backward,
+    # with the label checks on, under torch's sync debug mode (a host sync raises).
+    logits = torch.randn(64, 10, device="cuda", requires_grad=True)
+    target = torch.randint(0, 10, (64,), device="cuda")
+    features = torch.randn(64, 8, device="cuda", requires_grad=True)
+    weight = torch.randn(10, 8, device="cuda", requires_grad=True)
+    for _ in range(2):  # the first call allocates the error slots
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ncfast.rescaled_mse_loss(logits, target, k=2.0).backward()
+            ncfast.rescaled_mse_loss(logits, target, normalize="element",
+                                     reduction="sum").backward()
+            ncfast.linear_rescaled_mse_loss(features, weight, target, method="chunked",
+                                            k=2.0).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ncfast.check_errors()
 
 
 def test_cuda_target_checks_context_restores_the_setting():
@@ -180,3 +237,71 @@ def test_cuda_target_checks_context_restores_the_setting():
     # CPU labels are always checked, whatever the setting.
     with ncfast.cuda_target_checks(False), pytest.raises(ValueError, match="target"):
         ncfast.rescaled_mse_loss(torch.randn(2, 3), torch.tensor([0, 3]))
+    with ncfast.cuda_target_checks(False), pytest.raises(ValueError, match="target"):
+        ncfast.rescaled_mse_loss(torch.randn(2, 3), torch.tensor([0, 3]), reduction="none")
+
+
+# ---- rules of issue 11: argument types, ignored rows
+
+
+@pytest.mark.parametrize("value,exc,rule", [
+    (1.5, TypeError, "ignore_index must be an int, got float 1.5"),
+    ("3", TypeError, "ignore_index must be an int, got str '3'"),
+    (True, TypeError, "ignore_index must be an int, got bool True"),
+    (torch.tensor(3), TypeError, "ignore_index must be an int, got Tensor tensor(3)"),
+    (1 << 63, ValueError, "ignore_index must fit in int64, got 9223372036854775808"),
+], ids=["float", "str", "bool", "tensor", "too-large"])
+def test_ignore_index_must_be_an_int(value, exc, rule):
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(exc) as info:
+        ncfast.rescaled_mse_loss(logits, target, ignore_index=value)
+    assert str(info.value) == P + rule
+    with pytest.raises(exc) as info:
+        ncfast.RescaledMSELoss(ignore_index=value)
+    assert str(info.value) == P + rule
+    features, weight = torch.randn(3, 2), torch.randn(4, 2)
+    with pytest.raises(exc) as info:
+        ncfast.linear_rescaled_mse_loss(features, weight, target, ignore_index=value)
+    assert str(info.value) == "ncfast.linear_rescaled_mse_loss: " + rule
+
+
+def test_numpy_integer_ignore_index_is_accepted():
+    np = pytest.importorskip("numpy")
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    ours = ncfast.rescaled_mse_loss(logits, target, ignore_index=np.int64(1))
+    assert ours == ncfast.rescaled_mse_loss(logits, target, ignore_index=1)
+
+
+@pytest.mark.parametrize("argument", ["logits", "target"])
+@pytest.mark.parametrize("kind", ["list", "ndarray"])
+def test_non_tensor_arguments_are_a_type_error(argument, kind):
+    np = pytest.importorskip("numpy")
+    args = {"logits": torch.randn(2, 3), "target": torch.tensor([0, 1])}
+    value = args[argument].tolist()
+    args[argument] = value if kind == "list" else np.array(value)
+    with pytest.raises(TypeError) as info:
+        ncfast.rescaled_mse_loss(**args)
+    assert str(info.value) == f"{P}{argument} must be a tensor, got {kind}"
+    with pytest.raises(TypeError) as info:
+        ncfast.RescaledMSELoss()(args["logits"], args["target"])
+    assert str(info.value) == f"{P}{argument} must be a tensor, got {kind}"
+
+
+@pytest.mark.parametrize("which", ["weight", "sample_weight"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_of_ignored_rows_are_never_read(device, which, reduction):
+    # ignore_index = 2 is a class: rows labelled 2 are ignored, so weight[2] belongs to no row
+    # that counts; sample_weight[i] of an ignored row i neither.
+    logits = torch.randn(5, 4, device=device, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 2, 1, 3, 2], device=device)
+    w = torch.rand(4 if which == "weight" else 5, device=device, dtype=torch.float64) + 0.5
+    poisoned = w.clone()
+    poisoned[2 if which == "weight" else 1] = float("nan")
+    poisoned[4 if which == "sample_weight" else 2] = float("nan")
+    poisoned.requires_grad_()
+    kwargs = dict(k=2.0, reduction=reduction, ignore_index=2)
+    out = ncfast.rescaled_mse_loss(logits, target, **kwargs, **{which: poisoned})
+    clean = ncfast.rescaled_mse_loss(logits, target, **kwargs, **{which: w})
+    torch.testing.assert_close(out, clean)
+    grads = torch.autograd.grad(out.sum(), (logits, poisoned))
+    assert all(g.isfinite().all() for g in grads)
