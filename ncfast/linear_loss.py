@@ -225,16 +225,18 @@ def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
         r = rows[start:start + chunk]
         z = F.linear(X.index_select(0, r), W, b)
         loss[r] = _ops.rescaled_mse(z, target.index_select(0, r), k, M, ignore_index)
-    return loss, saved, exact
+    return loss, saved, exact, rows
 
 
-def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, needs):
+def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, needs,
+                   exact_rows=None):
     """Gradients of sum_i g_i loss_i without logits (theory.md 2.4, fused linear head): with
     gp_i = 2 g_i on counted rows and u_i = (α-1) z_iy - αM,
         grad_X = gp ⊙ (X G + 1 (W^T b)^T + u ⊙ W[y])
         grad_W = W (X^T diag(gp) X) + b (X^T gp)^T + scatter_y(gp u x)
         grad_b = W (X^T gp) + b sum(gp) + scatter_y(gp u).
-    Rows flagged by the forward's guard go through their logits instead."""
+    Rows flagged by the forward's guard go through their logits instead (`exact_rows`, their
+    indices, when the forward's list was kept; else read from `exact`)."""
     N, K = X.shape[0], W.shape[0]
     acc = saved.dtype
     need_x, need_w, need_b = needs
@@ -283,7 +285,7 @@ def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, 
         grad_b = _weight_vec(W, v) + b_acc * gp.sum()
         grad_b.index_put_((safe,), c, accumulate=True)
 
-    rows = exact.nonzero().flatten()  # one host sync on CUDA
+    rows = exact.nonzero().flatten() if exact_rows is None else exact_rows  # a sync on CUDA
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk]
         xr = X.index_select(0, r)
@@ -340,25 +342,27 @@ def _forward(features: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
              ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample unnormalised loss of z = features W^T + bias (0 on rows that do not count), in
     the accumulate dtype; also, for the backward, X W^T W + 2 (W^T bias) rows with W^T bias
-    appended ((N + 1, d)), and the rows the guard recomputed from their logits (both empty for
-    method "chunked")."""
+    appended ((N + 1, d)), the mask of the rows the guard recomputed from their logits and their
+    indices (all empty for method "chunked")."""
     _check_labels(target, weight.shape[0], ignore_index)
     if method == "gram":
         return _gram_forward(features, weight, bias, target, k, M, ignore_index, chunk_size)
     loss = _chunked_forward(features, weight, bias, target, k, M, ignore_index, chunk_size)
     acc = loss.dtype
-    return loss, features.new_empty(0, 0, dtype=acc), features.new_empty(0, dtype=torch.bool)
+    return (loss, features.new_empty(0, 0, dtype=acc), features.new_empty(0, dtype=torch.bool),
+            features.new_empty(0, dtype=torch.long))
 
 
 def _backward_first_order(grad, features, weight, bias, target, saved, exact, k, M,
                           ignore_index, method, chunk_size, need_features, need_weight,
-                          need_bias) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                          need_bias, exact_rows=None
+                          ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """First-order gradients (features, weight, bias) of sum_i grad_i loss_i (None where not
     asked for)."""
     needs = (need_features, need_weight, need_bias and bias is not None)
     if method == "gram":
         return _gram_backward(grad, features, weight, bias, target, saved, exact, k, M,
-                              ignore_index, chunk_size, needs)
+                              ignore_index, chunk_size, needs, exact_rows)
     return _chunked_backward(grad, features, weight, bias, target, k, M, ignore_index,
                              chunk_size, needs)
 
@@ -372,9 +376,9 @@ def linear_rescaled_mse_op(
     features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, k: float,
     M: float, ignore_index: int, method: str, chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """See _forward."""
+    """See _forward (the row indices left out: their number depends on the data)."""
     check_linear_args(features, weight, bias, target)
-    return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk_size)
+    return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk_size)[:3]
 
 
 @linear_rescaled_mse_op.register_fake
@@ -471,7 +475,7 @@ def _backward(ctx, grad, _grad_saved, _grad_exact, through_op=True):
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         if not through_op:
             grads = _backward_first_order(grad, features, weight, bias, target, saved, exact,
-                                          *args, *needs)
+                                          *args, *needs, exact_rows=ctx.exact_rows)
             return (*grads, *(None,) * 6)
         grads = _ops.linear_rescaled_mse_backward(grad, features, weight, bias, target, saved,
                                                   exact, *args, *needs)
@@ -495,16 +499,21 @@ torch.library.register_autograd("ncfast::linear_rescaled_mse", _backward,
 
 class _LinearLoss(torch.autograd.Function):
     """The eager path: the op's implementation and the same autograd formulas, without the
-    custom op's wrapper."""
+    custom op's wrapper; the backward reuses the forward's list of recomputed rows (one host
+    sync per step on CUDA for the gram path, not two)."""
 
     @staticmethod
     def forward(features, weight, bias, target, k, M, ignore_index, method, chunk):
         return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk)
 
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output[:3])
+        ctx.mark_non_differentiable(*output[1:])  # replaces _setup_context's list
+        ctx.exact_rows = output[3]
 
     @staticmethod
-    def backward(ctx, grad, grad_saved, grad_exact):
+    def backward(ctx, grad, grad_saved, grad_exact, _grad_rows):
         return _backward(ctx, grad, grad_saved, grad_exact, through_op=False)
 
 
@@ -572,8 +581,8 @@ def linear_rescaled_mse_loss(
 
     Host synchronisation on CUDA: labels are checked on the device, as in the plain loss (see
     :func:`ncfast.check_errors`), so the chunked method never waits for the host; the gram
-    path's guard still reads its list of rows to recompute, once per forward and once per
-    backward.
+    path's guard still reads its list of rows to recompute: once per forward (its backward
+    reuses the list, except through torch.compile, where the backward reads it again).
     """
     _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index)
     check_linear_args(features, weight, bias, target)
