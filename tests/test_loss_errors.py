@@ -175,18 +175,24 @@ LABEL_MESSAGE = P + "target values must be in [0, 3) or ignore_index=-100, got 7
 def test_cuda_label_error_is_raised_by_the_next_call(reduction):
     logits = torch.randn(2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     bad, good = torch.tensor([0, 7], device="cuda"), torch.tensor([0, 1], device="cuda")
-    loss = ncfast.rescaled_mse_loss(logits, bad, reduction=reduction)  # no sync, no error yet
-    # The bad row counts nowhere: zero loss, zero gradient, not in the mean's denominator.
-    expected = ncfast.rescaled_mse_loss(logits[:1], bad[:1], reduction=reduction)
+    ncfast.check_errors()  # nothing pending
+    # The bad row counts nowhere: zero loss, zero gradient, not in the mean's denominator
+    # (seen with the recording off, so that no call in between raises).
+    expected = ncfast.rescaled_mse_loss(logits[:1], good[:1], reduction=reduction)
+    with ncfast.cuda_target_checks(False):
+        loss = ncfast.rescaled_mse_loss(logits, bad, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
     torch.testing.assert_close(loss[:1] if reduction == "none" else loss, expected)
-    (grad,) = torch.autograd.grad(loss.sum(), logits)
     assert grad[1].eq(0).all() and grad[0].ne(0).all()
+    ncfast.check_errors()
+
+    ncfast.rescaled_mse_loss(logits, bad, reduction=reduction)  # recorded; nothing raised here
     torch.cuda.synchronize()
     with pytest.raises(ValueError) as info:
         ncfast.rescaled_mse_loss(logits, good)  # the next call raises the recorded label
     assert str(info.value) == LABEL_MESSAGE
     ncfast.rescaled_mse_loss(logits, good)  # raised once; the device records again
-    ncfast.rescaled_mse_loss(logits, bad)
+    ncfast.rescaled_mse_loss(logits, bad, reduction=reduction)
     with pytest.raises(ValueError) as info:
         ncfast.check_errors()  # waits for the device, then raises
     assert str(info.value) == LABEL_MESSAGE
