@@ -77,13 +77,17 @@ void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target,
   }
 }
 
-void check_reduced_args(double scale) {
+void check_reduced_args(const at::Tensor& logits, const at::Tensor& target, double k, double M,
+                        double scale) {
+  check_rescaled_mse_args(logits, target, k, M);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0,
                     cat(kOp, ": scale must be finite and > 0, got ", scale));
 }
 
 void check_reduced_backward_args(const at::Tensor& grad, const at::Tensor& row_scale,
-                                 const at::Tensor& logits) {
+                                 const at::Tensor& logits, const at::Tensor& target, double k,
+                                 double M) {
+  check_rescaled_mse_args(logits, target, k, M);
   TORCH_CHECK_VALUE(grad.dim() == 0, cat(kOp, ": grad must be 0-D (the loss is), got ",
                                          describe(grad)));
   TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), cat(kOp, ": grad must be ",

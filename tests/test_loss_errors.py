@@ -155,6 +155,28 @@ def test_backward_op_checks_grad():
         op(torch.ones(3, dtype=torch.float64), logits, target, 1.0, 1.0, -100)
 
 
+def test_reduced_ops_check_their_own_arguments(device):
+    ops = torch.ops.ncfast
+    logits = torch.randn(3, 4, device=device)
+    target = torch.tensor([0, 1, 2], device=device)
+    with pytest.raises(ValueError) as info:
+        ops.rescaled_mse_reduced(logits, target, 1.0, 1.0, -100, 0.0, True)
+    assert str(info.value) == P + "scale must be finite and > 0, got 0"
+    one = torch.ones((), device=device)
+    cases = [
+        ((torch.ones(3, device=device), one), ValueError,
+         "grad must be 0-D (the loss is), got 1-D tensor of shape [3]"),
+        ((one.double(), one), TypeError,
+         "grad must be torch.float32 like the logits, got torch.float64"),
+        ((one, one.double()), TypeError,
+         "row_scale must be torch.float32 for torch.float32 logits, got torch.float64"),
+    ]
+    for (grad, row_scale), exc, rule in cases:
+        with pytest.raises(exc) as info:
+            ops.rescaled_mse_reduced_backward(grad, row_scale, logits, target, 1.0, 1.0, -100)
+        assert str(info.value) == P + rule
+
+
 @pytest.mark.cuda
 def test_device_mismatch_errors():
     logits = torch.randn(2, 3, device="cuda")

@@ -106,8 +106,7 @@ std::tuple<at::Tensor, at::Tensor> rescaled_mse_reduced_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, double k, double M,
     int64_t ignore_index, double scale, bool mean) {
   raise_pending_label_errors();
-  check_rescaled_mse_args(logits_in, target_in, k, M);
-  check_reduced_args(scale);
+  check_reduced_args(logits_in, target_in, k, M, scale);
   const int64_t B = logits_in.size(0), K = logits_in.size(1);
   check_target_values(target_in, K, ignore_index);
   const at::Tensor logits = logits_in.contiguous();
@@ -211,8 +210,7 @@ at::Tensor rescaled_mse_reduced_backward_cpu(const at::Tensor& grad, const at::T
                                              const at::Tensor& target_in, double k, double M,
                                              int64_t ignore_index) {
   raise_pending_label_errors();
-  check_rescaled_mse_args(logits_in, target_in, k, M);
-  check_reduced_backward_args(grad, row_scale, logits_in);
+  check_reduced_backward_args(grad, row_scale, logits_in, target_in, k, M);
   const int64_t B = logits_in.size(0), K = logits_in.size(1);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();

@@ -351,8 +351,7 @@ std::tuple<at::Tensor, at::Tensor> rescaled_mse_reduced_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, double k, double M,
     int64_t ignore_index, double scale, bool mean) {
   raise_pending_label_errors();
-  check_rescaled_mse_args(logits_in, target_in, k, M);
-  check_reduced_args(scale);
+  check_reduced_args(logits_in, target_in, k, M, scale);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const int64_t B = logits_in.size(0), K = logits_in.size(1);
   const at::Tensor logits = logits_in.contiguous();
@@ -439,8 +438,7 @@ at::Tensor rescaled_mse_reduced_backward_cuda(const at::Tensor& grad,
                                               const at::Tensor& logits, const at::Tensor& target,
                                               double k, double M, int64_t ignore_index) {
   raise_pending_label_errors();
-  check_rescaled_mse_args(logits, target, k, M);
-  check_reduced_backward_args(grad, row_scale, logits);
+  check_reduced_backward_args(grad, row_scale, logits, target, k, M);
   return launch_backward(nullptr, &grad, &row_scale, logits, target, k, M, ignore_index);
 }
 

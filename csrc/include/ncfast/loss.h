@@ -16,11 +16,14 @@ namespace ncfast {
 void check_rescaled_mse_args(const at::Tensor& logits, const at::Tensor& target, double k,
                              double M, const at::Tensor* grad = nullptr);
 
-// The extra checks of the reduced ops: `scale` finite and > 0; for the backward, `grad` a
-// 0-dim tensor of the logits' dtype and `row_scale` a 0-dim tensor of the accumulate type.
-void check_reduced_args(double scale);
+// The checks of the reduced ops: those above, then `scale` finite and > 0; for the backward,
+// `grad` a 0-dim tensor of the logits' dtype and `row_scale` a 0-dim tensor of the accumulate
+// type, on the logits' device.
+void check_reduced_args(const at::Tensor& logits, const at::Tensor& target, double k, double M,
+                        double scale);
 void check_reduced_backward_args(const at::Tensor& grad, const at::Tensor& row_scale,
-                                 const at::Tensor& logits);
+                                 const at::Tensor& logits, const at::Tensor& target, double k,
+                                 double M);
 
 // Label range check of CPU tensors: raises at once, naming the first bad value. `op` is the
 // public function named in the message (see label_error_op).
