@@ -25,7 +25,20 @@ def _load_extension():
             f"torch with `pip install --no-build-isolation -e .` (or `make build`). "
             f"Loader error: {err}"
         ) from err
+    # An extension built from older sources (an editable install not rebuilt after a pull)
+    # lacks ops the Python layer registers: say so, rather than fail inside torch.library.
+    missing = [op for op in _REQUIRED_OPS if not hasattr(torch.ops.ncfast, op)]
+    if missing:
+        raise ImportError(
+            f"ncfast._C is older than ncfast's Python code: it lacks the ops "
+            f"{', '.join(missing)}. Rebuild it with `pip install --no-build-isolation -e .` "
+            f"(or `make build`)."
+        )
     return _C
+
+
+# The newest ops (csrc/registration.cpp); each one an older build lacks.
+_REQUIRED_OPS = ("rescaled_mse_reduced", "rescaled_mse_reduced_backward", "check_labels")
 
 
 _C = _load_extension()
