@@ -428,8 +428,10 @@ def extras_bench(K: int, device: str, min_run_time: float):
                          "ncfast": f"not run on this CPU: a {K * K * 4 / 2**30:.0f} GiB grid "
                                    "(interference_tiles streams it)"})
             continue
-        reason = missing or ref_fits(name, K, device) if theirs is not None or missing else \
-            "computes no such metric"
+        if theirs is None:
+            reason = missing or "computes no such metric"
+        else:
+            reason = ref_fits(name, K, device)
         one_call = single and name.split()[0] in ("CDNV", "GNC2:")  # minutes per call
         start = time.perf_counter()
         ours_values = ours()
