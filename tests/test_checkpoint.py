@@ -197,3 +197,16 @@ def test_a_malformed_rng_state_leaves_every_rng_as_it_was(entry, value):
         ckpt.set_rng_state({**state, entry: value})
     assert torch.equal(torch.get_rng_state(), before[0])
     assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_cuda_run_resumes_through_the_checked_load(tmp_path, precision):
+    """CUDA RNG states and the fp16 grad scaler's state pass weights_only, the digest and the
+    checks of a restored optimiser, schedule and scaler."""
+    cfg = ["device=cuda", f"precision={precision}", "loss.name=rescaled_mse", "loss.k=2"]
+    run(tiny(tmp_path, *cfg, "epochs=1"))
+    saved = ckpt.load(tmp_path / "digits" / ckpt.CHECKPOINT)
+    assert saved["rng"]["cuda"] and bool(saved["scaler"]) == (precision == "fp16")
+    result = run(tiny(tmp_path, *cfg, "epochs=2"), resume=True)
+    assert [r["epoch"] for r in result.records if r["kind"] == "train"] == [1, 2]
