@@ -1,6 +1,6 @@
 """What a run shows: progress (a tqdm bar on a terminal, plain lines in logs), the plots of
-NC1-NC4, accuracy and loss against the epoch (log scales, as in the paper's figures) and the
-summary table at the end."""
+NC1-NC4, error and loss against the epoch (ncfast.experiments.plotting) and the summary table
+at the end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write
 
 
 class Progress:
@@ -58,65 +57,38 @@ class Progress:
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
-    """NC1, NC2 (means and classifier), NC3, NC4, accuracy and loss against the epoch."""
-    import matplotlib
+    """Every NC metric (the paper's definitions and the other common ones, labelled), error
+    and loss against the epoch, train and test, learning-rate drops marked: the run's nc.png
+    (and nc.json, the numbers behind it)."""
+    from ..experiments.plotting import FULL, draw
+    from ..experiments.runs import Group, Run
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if any(r["kind"] == "nc" for r in records):
+        draw([Group(title, [Run(path.parent, {}, records)])], path, title, FULL, columns=4)
 
-    nc = [r for r in records if r["kind"] == "nc"]
-    if not nc:
-        return
-    panels = [
-        ("NC1: Tr(Σ_W Σ_B⁺)/K", [("nc1", "train")]),
-        ("NC2: distance to a simplex ETF", [("nc2_means", "train", "class means"),
-                                            ("nc2_classifier", "train", "classifier")]),
-        ("NC3: self-duality", [("nc3_dual", "train")]),
-        ("NC4: nearest-mean mismatch rate", [("nc4", "train")]),
-        ("error (1 - accuracy)", [("error", "train", "train"), ("error", "test", "test")]),
-        ("loss", [("loss", "train", "train"), ("loss", "test", "test")]),
-    ]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (name, series) in zip(axes.flat, panels):
-        zeros = False
-        for key, split, *label in series:
-            points = [(max(r["epoch"], 0.5), r.get(key) if key != "error" else 1 - r["accuracy"])
-                      for r in nc if r["split"] == split]
-            zeros |= any(v == 0 for _, v in points)
-            points = [(e, v) for e, v in points if v is not None and v > 0]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=3, label=label[0] if label else None)
-        ax.set_title(name + ("\n(values of 0 are off this log scale)" if zeros else ""),
-                     fontsize=10)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch (0 plotted at 0.5)")
-        ax.grid(True, which="both", alpha=0.3)
-        if any(len(s) > 2 for s in series) and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+
+# (record key, column) of the summary table: the paper's definitions first (docs/theory.md 5.9),
+# then the other common ones, labelled as such.
+SUMMARY_COLUMNS = (("accuracy", "accuracy"), ("loss", "loss"), ("nc1", "NC1"),
+                   ("nc2_means", "NC2 (means)"), ("nc2_classifier", "NC2 (classifier)"),
+                   ("nc3_gram", "NC3"), ("bias_norm", "NC4 = ‖Wμ_G+b‖"),
+                   ("nc3_dual", "NC3 (dual form)"), ("nc4", "NC4 (NCM mismatch)"))
 
 
 def summary(records: list[dict], train_time: float, track_time: float) -> str:
     """A table of the first and last measurement of each split, and the time spent."""
     nc = [r for r in records if r["kind"] == "nc"]
     rows = []
-    keys = ("accuracy", "loss", "nc1", "nc2_means", "nc2_classifier", "nc3_dual", "nc4",
-            "cdnv", "bias_norm")
     for split in ("train", "test"):
         mine = [r for r in nc if r["split"] == split]
         if mine:
             rows += [(split, mine[0]), (split, mine[-1])] if len(mine) > 1 else [(split, mine[0])]
     if not rows:
         return "no NC measurement was taken"
-    header = "| split | epoch | " + " | ".join(keys) + " |"
-    lines = [header, "|" + "---|" * (len(keys) + 2)]
+    header = "| split | epoch | " + " | ".join(c for _, c in SUMMARY_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(SUMMARY_COLUMNS) + 2)]
     for split, r in rows:
-        cells = [fmt(r.get(k)) for k in keys]
+        cells = [fmt(r.get(k)) for k, _ in SUMMARY_COLUMNS]
         lines.append(f"| {split} | {r['epoch']} | " + " | ".join(cells) + " |")
     overhead = track_time / train_time if train_time > 0 else float("nan")
     lines.append("")
