@@ -95,7 +95,7 @@ def bench_case(arch: str, size: int, batch: int, device: str, min_run_time: floa
     # NC tracking: ncfast.measure over TRACK_BATCHES batches vs training on them.
     data = [(x, y)] * TRACK_BATCHES
 
-    def track():  # in float32, as ncfast train measures (its _measure_split says why)
+    def track():  # in float32, as ncfast train measures (its measure_split says why)
         ncfast.measure(model, data, classifier=model.fc, nc4=True)
 
     track()

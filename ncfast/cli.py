@@ -14,6 +14,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
               "train a classifier and track neural collapse (NC1-NC4) as it trains"),
     "ufm": ("ncfast.ufm_experiment",
             "UFM landscape experiment: GD to the closed form, saddles, curvature vs alpha and M"),
+    "sweep": ("ncfast.experiments.sweep",
+              "one run per combination of override values and seeds; resumable, parallel"),
+    "plot": ("ncfast.experiments.plotting",
+             "overlay runs: NC1-NC4 and errors against the epoch, mean and band over seeds"),
+    "figure": ("ncfast.experiments.figures",
+               "the paper's figures by name (ncfast figure --list), with their numbers"),
+    "measure": ("ncfast.experiments.posthoc",
+                "NC measured post hoc over the checkpoints a run kept at its tracking epochs"),
+    "miniimagenet": ("ncfast.experiments.miniimagenet",
+                     "convert the mini-ImageNet pickles to the official split as ImageFolder"),
     "info": ("ncfast.info", "versions, build information, kernels per op and device"),
 }
 

@@ -31,6 +31,7 @@ class Figure:
     variants: tuple[Variant, ...]
 
 
+_MLP = "model.hidden=[256,256]"  # model.feature_dim then adds the feature layer of width d
 _CE = ("loss.name=ce", "optim.lr=0.05")  # cross-entropy's gradients are K times the MSE's
 FIGURES: dict[str, Figure] = {
     "loss": Figure(
@@ -53,21 +54,23 @@ FIGURES: dict[str, Figure] = {
     "classifier": Figure(
         "learned vs fixed simplex-ETF classifier, wide vs d = K",
         "a fixed ETF classifier with d = K (paper: E1-E4)", "cifar10", (
-            Variant("learned, d=256", ("model.feature_dim=256",), "cifar10-resnet18-learned-d512"),
-            Variant("fixed ETF, d=256", ("model.feature_dim=256", "model.fixed_etf=true"),
+            Variant("learned, d=256", (_MLP, "model.feature_dim=256"),
+                    "cifar10-resnet18-learned-d512"),
+            Variant("fixed ETF, d=256", (_MLP, "model.feature_dim=256", "model.fixed_etf=true"),
                     "cifar10-resnet18-etf-d512"),
-            Variant("learned, d=10", ("model.feature_dim=10",), "cifar10-resnet18-learned-d10"),
-            Variant("fixed ETF, d=10", ("model.feature_dim=10", "model.fixed_etf=true"),
+            Variant("learned, d=10", (_MLP, "model.feature_dim=10"),
+                    "cifar10-resnet18-learned-d10"),
+            Variant("fixed ETF, d=10", (_MLP, "model.feature_dim=10", "model.fixed_etf=true"),
                     "cifar10-resnet18-etf-d10"),
         )),
     "feature-dim": Figure(
         "feature dimension d against K - 1 = 9", "d < K-1: collapse without an ETF "
         "(theory.md 4.2 case F; paper: D1-D5)", "cifar10", (
-            Variant("d=5", ("model.feature_dim=5",), "cifar10-resnet18-d5"),
-            Variant("d=8", ("model.feature_dim=8",), "cifar10-resnet18-d8"),
-            Variant("d=9", ("model.feature_dim=9",), "cifar10-resnet18-d9"),
-            Variant("d=10", ("model.feature_dim=10",), "cifar10-resnet18-learned-d10"),
-            Variant("d=256", ("model.feature_dim=256",), "cifar10-resnet18-learned-d512"),
+            Variant("d=5", (_MLP, "model.feature_dim=5"), "cifar10-resnet18-d5"),
+            Variant("d=8", (_MLP, "model.feature_dim=8"), "cifar10-resnet18-d8"),
+            Variant("d=9", (_MLP, "model.feature_dim=9"), "cifar10-resnet18-d9"),
+            Variant("d=10", (_MLP, "model.feature_dim=10"), "cifar10-resnet18-learned-d10"),
+            Variant("d=256", (_MLP, "model.feature_dim=256"), "cifar10-resnet18-learned-d512"),
         )),
     "k-sweep": Figure(
         "rescaled MSE: the weight k of the true class (M = 1)", "effect of k (paper: R-alpha)",

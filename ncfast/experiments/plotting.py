@@ -35,8 +35,10 @@ def _s(key: str, split: str, label: str = "") -> Series:
 # The paper's layout (Zhou et al. 2022, the official code's plots): NC1-NC4 and the errors.
 PAPER = (
     Panel("NC1", "NC1 = Tr(Σ_W Σ_B⁺) / K", (_s("nc1", "train"),)),
-    Panel("NC2 (classifier)", "NC2 = ‖W_cW_cᵀ/‖·‖ − ETF‖", (_s("nc2_classifier", "train"),)),
-    Panel("NC3 (paper's definition)", "NC3 = ‖W_cM_c/‖·‖ − ETF‖", (_s("nc3_gram", "train"),)),
+    Panel("NC2 (classifier)", "NC2 = ‖W_cW_cᵀ/‖·‖ − ETF‖",
+          (_s("nc2_classifier", "train"),)),
+    Panel("NC3 (paper's definition)", "NC3 = ‖W_cM_c/‖·‖ − ETF‖",
+          (_s("nc3_gram", "train"),)),
     Panel("NC4 (paper's definition)", "NC4 = ‖W μ_G + b‖", (_s("bias_norm", "train"),)),
     Panel("training error", "1 − accuracy", (_s("error", "train"),)),
     Panel("test error", "1 − accuracy", (_s("error", "test"),)),

@@ -11,7 +11,8 @@ from ..train.config import flatten
 
 # Keys that say where or how a run was made, not what it computes: never a group's label.
 INCIDENTAL = ("name", "about", "runs_dir", "progress", "seed", "data.dir", "data.download",
-              "data.workers", "data.pin_memory", "data.persistent_workers", "track.keep_checkpoints")
+              "data.workers", "data.pin_memory", "data.persistent_workers",
+              "track.keep_checkpoints")
 
 
 @dataclass
@@ -53,14 +54,17 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, read_config(run_dir), ckpt.read_metrics(run_dir / ckpt.METRICS))
 
 
-def is_finished(run_dir: str | Path) -> bool:
-    """True when the run measured NC at its last epoch (the loop's final act before the plot)."""
+def is_finished(run_dir: str | Path, epochs: int | None = None) -> bool:
+    """True when the run measured NC at its last epoch (the loop's final act before the plot),
+    and that epoch is ``epochs`` when given (a sweep asking for more epochs resumes it)."""
     run_dir = Path(run_dir)
     try:
         config = read_config(run_dir)
     except (FileNotFoundError, ValueError):
         return False
     last = int(config.get("epochs", -1))
+    if epochs is not None and last != epochs:
+        return False
     return any(r.get("kind") == "nc" and r.get("epoch") == last and r.get("split") == "train"
                for r in ckpt.read_metrics(run_dir / ckpt.METRICS))
 

@@ -6,6 +6,7 @@ printed for a cluster scheduler (--print)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 import shlex
@@ -29,12 +30,16 @@ class PlannedRun:
     run_dir: Path
     state: str  # "finished", "resume" or "new"
 
-    def command(self, python: str = "") -> list[str]:
-        head = [python or sys.executable, "-m", "ncfast", "train"]
+    def command(self, installed: bool = False) -> list[str]:
+        """The `ncfast train` command of this run: through this Python, or (``installed``) as
+        the console script a cluster node has on its PATH."""
+        head = ["ncfast", "train"] if installed else [sys.executable, "-m", "ncfast", "train"]
         head += ["--config", self.config] if self.config else []
-        head += self.overrides + [f"name={self.name}", f"runs_dir={self.run_dir.parent}",
-                                  "progress=false"]
-        return head + (["--resume"] if self.state == "resume" else [])
+        return head + self.train_overrides() + (["--resume"] if self.state == "resume" else [])
+
+    def train_overrides(self) -> list[str]:
+        return self.overrides + [f"name={self.name}", f"runs_dir={self.run_dir.parent}",
+                                 "progress=false"]
 
 
 def split_values(text: str) -> list[str]:
@@ -70,9 +75,18 @@ def grid(axes: list[str]) -> list[list[str]]:
 
 
 def run_name(overrides: list[str]) -> str:
-    """A folder name from the overrides: 'loss.name=ce__seed=0' ('/' would nest folders)."""
-    name = "__".join(o.replace("/", "_").replace(" ", "") for o in overrides) or "run"
-    return name[:200]
+    """A folder name from the overrides: 'loss.name=ce__seed=0', 'model.hidden=32-32' for
+    model.hidden=[32, 32] (no '/', brackets, quotes or spaces)."""
+    cleaned = []
+    for o in overrides:
+        for old, new in (("/", "_"), (",", "-"), (" ", ""), ("[", ""), ("]", ""), ("'", ""),
+                         ('"', "")):
+            o = o.replace(old, new)
+        cleaned.append(o)
+    name = "__".join(cleaned) or "run"
+    if len(name) > 120:  # folder names stay short and distinct
+        name = name[:100] + "__" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
 
 
 def plan(runs: list[tuple[str | None, list[str]]], runs_dir: str | Path,
@@ -84,13 +98,13 @@ def plan(runs: list[tuple[str | None, list[str]]], runs_dir: str | Path,
     planned = []
     seen = set()
     for i, (config, overrides) in enumerate(runs):
-        load(config, overrides)  # raises ConfigError naming the key
+        cfg = load(config, overrides)  # raises ConfigError naming the key
         name = names[i] if names else run_name(overrides)
         if name in seen:
             raise ConfigError(f"sweep runs {name!r} repeat: an axis lists a value twice")
         seen.add(name)
         run_dir = runs_dir / name
-        if is_finished(run_dir):
+        if is_finished(run_dir, cfg.epochs):
             state = "finished"
         elif (run_dir / ckpt.CHECKPOINT).is_file():
             state = "resume"
@@ -103,12 +117,15 @@ def plan(runs: list[tuple[str | None, list[str]]], runs_dir: str | Path,
 def execute(runs: list[PlannedRun], jobs: int = 1, threads: int = 0,
             log=print) -> list[PlannedRun]:
     """Run every unfinished run, ``jobs`` at a time, each with ``threads`` torch threads (0:
-    the machine's cores shared among the jobs). Output goes to <run folder>.log. Returns the runs
-    that failed."""
+    the machine's cores shared among the jobs). One job with the default threads runs in this
+    process; otherwise each run is an `ncfast train` process whose output goes to
+    <run folder>.log. Returns the runs that failed."""
     todo = [r for r in runs if r.state != "finished"]
     for r in runs:
         if r.state == "finished":
             log(f"skip   {r.name} (finished)")
+    if jobs == 1 and threads == 0:
+        return [r for r in todo if not _train_here(r, log)]
     per_job = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     env = {**os.environ, "OMP_NUM_THREADS": str(per_job), "MKL_NUM_THREADS": str(per_job)}
     running: list[tuple[PlannedRun, subprocess.Popen, object]] = []
@@ -136,6 +153,20 @@ def execute(runs: list[PlannedRun], jobs: int = 1, threads: int = 0,
                     log(f"FAILED {r.name} (exit {proc.returncode}; see "
                         f"{r.run_dir.parent / (r.name + '.log')})")
     return failed
+
+
+def _train_here(r: PlannedRun, log) -> bool:
+    from ..train import run
+
+    log(f"{'resume' if r.state == 'resume' else 'start'} {r.name}")
+    try:
+        run(load(r.config, r.train_overrides()), resume=r.state == "resume")
+    except Exception as err:  # one failed run does not stop the sweep
+        log(f"FAILED {r.name} ({type(err).__name__}: {err})")
+        return False
+    r.state = "finished"
+    log(f"done   {r.name}")
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_only:
         for r in runs:
             if r.state != "finished":
-                print(shlex.join(r.command(python="python")))
+                print(shlex.join(r.command(installed=True)))
         return
     failed = execute(runs, args.jobs, args.threads)
     done = sum(r.state == "finished" for r in runs)

@@ -31,9 +31,12 @@ PLOT = "nc.png"
 CSV_LOG = "metrics.csv"  # config log=[csv] (ncfast.train.logs)
 TENSORBOARD_DIR = "tensorboard"  # config log=[tensorboard]
 FORMAT = "ncfast.train/2"
+PLOT_NUMBERS = "nc.json"  # the numbers behind nc.png
+MEASURED = "measured.jsonl"  # what `ncfast measure RUN` computes over the kept checkpoints
 # Every name a run folder may hold (glob patterns): a folder holding anything else is not a run,
 # and --overwrite refuses to replace it. Add new run files here.
-RUN_FILES = (CONFIG, METRICS, PLOT, CSV_LOG, TENSORBOARD_DIR, "checkpoint*.pt", ".*.tmp")
+RUN_FILES = (CONFIG, METRICS, PLOT, PLOT_NUMBERS, MEASURED, CSV_LOG, TENSORBOARD_DIR, "checkpoint*.pt",
+             ".*.tmp")
 
 # What every checkpoint must hold, with the type of each entry (a hand-made or partial file is
 # refused by name). Add new entries here.
@@ -166,11 +169,17 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------------------ save / load
 
-def save(path: Path, payload: dict) -> None:
+def kept(epoch: int) -> str:
+    """The name of the checkpoint kept at a tracking epoch (track.keep_checkpoints)."""
+    return f"checkpoint-epoch{epoch:04d}.pt"
+
+
+def save(path: Path, payload: dict, keep_previous: bool = True) -> None:
     """Write ``payload`` (tensors and plain data, the :data:`FIELDS` at least) atomically to
-    ``path`` with its digest; the checkpoint it replaces becomes ``checkpoint-previous.pt``."""
+    ``path`` with its digest; the checkpoint it replaces becomes ``checkpoint-previous.pt``
+    unless ``keep_previous`` is False (the checkpoints kept at tracking epochs)."""
     record = {"format": FORMAT, "digest": digest(payload), **payload}
-    if path.is_file():
+    if keep_previous and path.is_file():
         previous = path.with_name(PREVIOUS)
         tmp = previous.with_name(f".{previous.name}.tmp")
         tmp.unlink(missing_ok=True)
@@ -184,8 +193,9 @@ def save(path: Path, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(record, f))
 
 
-def _read(path: Path) -> dict:
-    """The verified payload of one checkpoint file, or CheckpointError saying what is wrong."""
+def _read(path: Path, first_epoch: int = 1) -> dict:
+    """The verified payload of one checkpoint file, or CheckpointError saying what is wrong.
+    Checkpoints to resume from start at epoch 1; those kept at tracking epochs at 0."""
     where = repr(str(path))
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation breaks it
         raise CheckpointError(f"checkpoint {where} is corrupt or unreadable (not the zip "
@@ -230,11 +240,17 @@ def _read(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {where}: entry 'within_epoch' must be None or a "
                               f"dict of {', '.join(sorted(WITHIN_EPOCH))} with step >= 1, got "
                               f"{within!r}")
-    least = 0 if within is not None else 1
+    least = 0 if within is not None else first_epoch
     if payload["epoch"] < least:
         raise CheckpointError(f"checkpoint {where}: entry 'epoch' must be >= {least}, got "
                               f"{payload['epoch']}")
     return payload
+
+
+def load_kept(path: Path) -> dict:
+    """The payload of a checkpoint kept at a tracking epoch (epoch 0 included), verified as
+    :func:`load` verifies it."""
+    return _read(path, first_epoch=0)
 
 
 def load(path: Path) -> dict:

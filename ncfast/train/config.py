@@ -33,7 +33,7 @@ class DataConfig:
     download: bool = setting(False, "torchvision data sets only; nothing downloads without it")
     num_classes: int = setting(0, "K; 0: taken from the data, else must agree (gaussian: K, "
                                "default 10)")
-    batch_size: int = setting(64, "training batch, global: split evenly across processes")
+    batch_size: int = setting(128, "training batch, global: split evenly across processes")
     eval_batch_size: int = setting(1024, "batch of the NC measurement sweeps")
     augment: str = setting("auto", "auto (the data set's standard), none, crop_flip, imagenet")
     image_size: int = setting(0, "imagefolder: crop size (0: 224; mini-ImageNet presets use 84)")
@@ -57,7 +57,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = setting("mlp", "mlp, resnet18, resnet34, resnet50, wrn28_10")
     stem: str = setting("cifar", "resnets: cifar (3x3, no max-pool) or imagenet (torchvision's)")
-    hidden: list[int] = setting([256, 256], "mlp: hidden layer widths")
+    hidden: list[int] = setting([256, 256, 16], "mlp: hidden layer widths (the last is the "
+                                "feature dimension d unless model.feature_dim adds a layer)")
     batch_norm: bool = setting(True, "mlp: BatchNorm after each hidden layer")
     feature_dim: int = setting(0, "d, the width before the classifier; 0: the architecture's own")
     fixed_etf: bool = setting(False, "classifier fixed to a simplex ETF (not trained, not "
@@ -81,7 +82,7 @@ class OptimConfig:
     lr: float = setting(0.5, "learning rate (the digits default: element-normalised MSE has "
                         "gradients 1/K small)")
     momentum: float = setting(0.9, "sgd: momentum")
-    weight_decay: float = setting(5e-4, "coupled L2 on every trainable parameter (adamw: "
+    weight_decay: float = setting(5e-3, "coupled L2 on every trainable parameter (adamw: "
                                   "decoupled)")
     betas: list[float] = setting([0.9, 0.999], "adam/adamw: the two moment decays")
     eps: float = setting(1e-8, "adam/adamw: denominator epsilon")
@@ -94,7 +95,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = setting("step", "step, cosine, none")
-    step_epochs: int = setting(60, "step: multiply the lr by gamma every step_epochs epochs")
+    step_epochs: int = setting(100, "step: multiply the lr by gamma every step_epochs epochs")
     gamma: float = setting(0.1, "step: the lr factor")
     min_lr: float = setting(0.0, "cosine: the final lr")
     warmup_epochs: int = setting(0, "linear warm-up over this many epochs, per step (from the "
@@ -111,18 +112,22 @@ class TrackConfig:
                                     "class, a fixed subset drawn from seed (0: all of it)")
     extras: list[str] = setting(["unc3"], "extra metrics (theory.md 5.10-5.12): unc3, gnc2, "
                                 "cosine_margin, ncc_accuracy, nf_ratio")
+    keep_checkpoints: bool = setting(False, "also keep the model at every tracking epoch "
+                                     "(checkpoint-epochNNNN.pt) for ncfast measure RUN")
 
 
 @dataclass
 class TrainConfig:
-    """The defaults are the digits run of the README (MLP, MSE, SGD, 150 epochs); the paper's
-    runs are presets (configs/, ``ncfast train --list-presets``)."""
+    """The defaults are the digits run of the README (MLP with a 16-wide feature layer, MSE,
+    SGD with weight decay 5e-3, 300 epochs, seed 0); the paper's runs are presets (configs/,
+    ``ncfast train --list-presets``)."""
 
     name: str = setting("digits", "run folder: <runs_dir>/<name>")
     about: str = setting("", "one line on what the run is for (shown by --list-presets)")
     runs_dir: str = setting("runs", "folder holding the run folders")
-    epochs: int = setting(150, "training epochs")
-    seed: int = setting(6, "seeds initialisation, shuffling and augmentation")
+    epochs: int = setting(300, "training epochs")
+    seed: int = setting(0, "seeds initialisation, shuffling, augmentation and the digits "
+                        "split")
     deterministic: bool = setting(False, "torch's deterministic algorithms (slower on CUDA)")
     device: str = setting("auto", "auto (cuda when available), cpu, cuda")
     precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; CUDA only)")

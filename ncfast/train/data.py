@@ -134,10 +134,15 @@ def torchvision_dataset(cfg: DataConfig) -> Splits:
         make = lambda train, t: cls(str(root), train=train, transform=t,  # noqa: E731
                                     download=cfg.download)
         train, train_eval, test = make(True, train_t), make(True, test_t), make(False, test_t)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+    except (RuntimeError, OSError) as err:  # not found or corrupted; offline (URLError)
+        if cfg.download:
+            reason = getattr(err, "reason", None) or str(err).strip().splitlines()[0]
+            raise ConfigError(f"data.name={cfg.name!r}: the download failed ({reason}); on a "
+                              f"machine without network access place the files yourself: "
+                              f"{_expected_files(cls, root)}") from None
         raise ConfigError(f"data.name={cfg.name!r}: no usable data set under data.dir="
                           f"{str(root)!r} ({err}); pass data.download=true to download it, or "
-                          f"point data.dir at a folder that holds it") from None
+                          f"place the files: {_expected_files(cls, root)}") from None
     channels = 1 if cfg.name in ("mnist", "fashion_mnist") else 3
     return Splits(train, train_eval, test, K, (channels, size, size))
 
@@ -161,6 +166,18 @@ class JpegFiles(Dataset):
 def collate_files(batch):
     """A batch of files stays a list (the images differ in size until they are decoded)."""
     return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+
+
+def _expected_files(cls, root: Path) -> str:
+    """Where torchvision looks for a data set's files under ``root``, as advice to a user."""
+    if hasattr(cls, "base_folder"):  # CIFAR-10 / CIFAR-100: one archive, extracted
+        return (f"either the extracted folder {str(root / cls.base_folder)}/ (as in the archive) "
+                f"or the archive {str(root / cls.filename)} (from {cls.url}) with "
+                f"data.download=true, which then only checks and extracts it")
+    raw = root / cls.__name__ / "raw"  # MNIST / FashionMNIST
+    names = ", ".join(name for name, _ in cls.resources)
+    return (f"the files {names} (from {cls.mirrors[0]}) in {raw}/ with data.download=true, "
+            f"which then only checks and extracts them")
 
 
 def image_folder(cfg: DataConfig) -> Splits:

@@ -84,7 +84,7 @@ def _device(cfg: TrainConfig, d: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def _loss_fn(cfg: config_mod.LossConfig):
+def loss_function(cfg: config_mod.LossConfig):
     if cfg.name == "ce":
         return F.cross_entropy
     k, M = (cfg.k, cfg.M) if cfg.name == "rescaled_mse" else (1.0, 1.0)
@@ -183,8 +183,10 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _measure_split(model, fc, loader, loss_fn, device, cfg: TrainConfig, split: str,
-                   epoch: int) -> dict:
+def measure_split(model, fc, loader, loss_fn, device, cfg: TrainConfig, split: str,
+                  epoch: int) -> dict:
+    """One NC record of ``split`` (the metrics, accuracy, loss, norms) at ``epoch``, with
+    ``fc`` the classifier whose input is the measured feature."""
     start = time.perf_counter()
     # In float32 even when training under bf16/fp16 autocast: their rounding (2^-8 / 2^-11)
     # would swamp the within-class spread of a collapsed network, and with it NC1.
@@ -400,7 +402,7 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     optimizer = _optimizer(cfg.optim, params, peak_lr(cfg))
     scheduler = _scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    loss_fn = _loss_fn(cfg.loss)
+    loss_fn = loss_function(cfg.loss)
     _autocast(cfg, device)  # raises for reduced precision on CPU
 
     gpu = None
@@ -455,21 +457,25 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
         nonlocal track_time
         start = time.perf_counter()
         _sync_buffers(model, d)
-        emit(_measure_split(model, classifier, train_eval_loader, loss_fn, device, cfg, "train",
-                            epoch))
+        emit(measure_split(model, classifier, train_eval_loader, loss_fn, device, cfg, "train",
+                           epoch))
         if cfg.track.test:
-            emit(_measure_split(model, classifier, test_loader, loss_fn, device, cfg, "test",
-                                epoch))
+            emit(measure_split(model, classifier, test_loader, loss_fn, device, cfg, "test",
+                               epoch))
         track_time += time.perf_counter() - start
+        if folder is not None and cfg.track.keep_checkpoints:
+            ckpt.save(folder.path / ckpt.kept(epoch), payload(epoch), keep_previous=False)
+
+    def payload(epoch: int, within: ckpt.EpochProgress | None = None) -> dict:
+        return {"epoch": epoch, "config": config_mod.to_dict(cfg), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
+                "train_time": train_time, "track_time": track_time,
+                "within_epoch": None if within is None else dataclasses.asdict(within)}
 
     def save(epoch: int, within: ckpt.EpochProgress | None = None) -> None:
         """checkpoint.pt after ``epoch`` whole epochs, and ``within`` the next one."""
-        ckpt.save(folder.path / ckpt.CHECKPOINT, {
-            "epoch": epoch, "config": config_mod.to_dict(cfg),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": ckpt.rng_state(), "train_time": train_time, "track_time": track_time,
-            "within_epoch": None if within is None else dataclasses.asdict(within)})
+        ckpt.save(folder.path / ckpt.CHECKPOINT, payload(epoch, within))
         folder.commit()  # --overwrite: the new run replaces the old one only now
 
     every_steps = cfg.checkpoint_every_steps
