@@ -15,7 +15,7 @@ INTEGRATION_DEPS := torchmetrics lightning scipy curvlinops-for-pytorch tensorbo
 DOCS_DEPS := mkdocs "mkdocstrings[python]"
 OUT ?= bench-out
 
-.PHONY: run test docs build bench gpu-check clean
+.PHONY: run test docs build bench gpu-check reproduce clean
 
 run: build
 	$(PY) -m ncfast train --overwrite
@@ -28,6 +28,11 @@ test: build
 # The user guide, docs/theory.md and the API reference into site/; any warning fails the build.
 docs: $(VENV)/.installed
 	$(PY) -m mkdocs build --strict --quiet
+
+# The digits default over seeds 0-3 with 1 and 2 threads: checks every run collapses and writes
+# the README's table (runs/default-check/table.md), checks.json and a figure.
+reproduce: build
+	$(PY) -m ncfast.experiments.default_run --out runs/default-check
 
 bench: build
 	$(PY) -m bench.loss --device cpu --out bench/results/cpu.md

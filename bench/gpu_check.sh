@@ -26,6 +26,11 @@ for f in tests/test_*.py; do
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1  # 5: no CUDA test in that file
   echo "$name: $(tail -1 "$OUT/pytest-cuda-$name.txt") (exit $rc)"
 done
+# The digits default (make run) on the GPU, seed 0: every NC property must collapse there too
+# (ncfast.experiments.default_run checks it and writes the table); capped at 2 minutes.
+timeout "${DEFAULT_RUN_TIMEOUT:-120}" $PY -m ncfast.experiments.default_run --seeds 0 --threads 1 \
+  --out "$OUT/default-cuda" device=cuda > "$OUT/default-cuda.log" 2>&1 || status=1
+tail -8 "$OUT/default-cuda.log"
 # The HVP bench is CPU-only by rule (never run on a GPU).
 for bench in loss stats linear_loss train; do
   timeout "${BENCH_TIMEOUT:-400}" $PY -m "bench.$bench" --device cuda --out "$OUT/$bench.md" \
