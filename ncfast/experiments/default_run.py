@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..train.report import SUMMARY_COLUMNS, fmt
 from . import plotting, sweep
-from .runs import Group, Run, load_run
+from .runs import Group, Run, int_list, load_run
 
 # What the default must show in every run (issue 12): NC1 falls 100x, NC2 of the class means
 # and of the classifier and the paper's NC3 fall 10x from epoch 0, test accuracy >= 97%.
@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    threads = [int(t) for t in args.threads.split(",")]
+    seeds = int_list(args.seeds, "--seeds")
+    threads = int_list(args.threads, "--threads")
     runs: list[Run] = []
     report = {"runs": [], "passed": True}
     for t in threads:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..train.config import ConfigError
 from . import plotting, sweep
-from .runs import group_runs, load_run
+from .runs import group_runs, int_list, load_run
 
 
 @dataclass(frozen=True)
@@ -161,11 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<12} {f.title}: {f.about}; {len(f.variants)} variants "
                   f"(with --data-dir: {data})")
         return
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise SystemExit(f"ncfast figure: --seeds must be comma-separated integers, got "
-                         f"{args.seeds!r}") from None
+    seeds = int_list(args.seeds, "ncfast figure: --seeds")
     out = Path(args.out or Path("figures") / args.name)
     try:
         make(args.name, out, seeds, args.data, args.data_dir, args.overrides, args.jobs,

@@ -16,7 +16,7 @@ from ..train.config import ConfigError, from_dict
 from ..train.data import close_workers, load_splits, loaders
 from ..train.loop import loss_function, measure_split
 from ..train.models import build_model
-from .runs import read_config
+from .runs import int_list, read_config
 
 _KEPT = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"ncfast measure: overrides must be key=value with key one of "
                              f"{', '.join(ALLOWED)}, got {item!r}")
         overrides[key] = value
-    try:
-        epochs = None if args.epochs is None else [int(e) for e in args.epochs.split(",")]
-    except ValueError:
-        raise SystemExit(f"ncfast measure: --epochs must be comma-separated integers, got "
-                         f"{args.epochs!r}") from None
+    epochs = None if args.epochs is None else int_list(args.epochs, "ncfast measure: --epochs")
     for run in args.runs:
         try:
             records = measure_run(run, tuple(args.splits.split(",")), epochs, args.device,

@@ -114,5 +114,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return groups
 
 
+def int_list(text: str, option: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] for a command-line option; SystemExit naming the option otherwise."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
 def _plain(text: str | None) -> str:
     return "-" if text is None else text.strip("'\"")
