@@ -101,7 +101,8 @@ def numbers(groups: list[Group], panels=PAPER) -> dict:
 
 def _symlog_threshold(values: list[float]) -> float:
     """The linear range of a symlog axis: one decade below the smallest positive value, so a
-    value of 0 sits visibly at the bottom and everything above it is on a log scale."""
+    value of 0 sits visibly at the bottom and everything above it is on a log scale. Negative
+    values (none of the metrics has them) would be drawn on the mirrored scale."""
     positive = [v for v in values if v > 0]
     if not positive:
         return 1e-3
@@ -147,7 +148,12 @@ def draw(groups: list[Group], path: Path, title: str, panels=PAPER, columns: int
         for i, e in enumerate(drops):
             ax.axvline(e, color="grey", linestyle=":", linewidth=1,
                        label="lr drop" if i == 0 and ax is axes.flat[0] else None)
-        ax.set_yscale("symlog", linthresh=_symlog_threshold(values))
+        if any(v == 0 for v in values):  # symlog: 0 on a short linear stretch at the bottom
+            threshold = _symlog_threshold(values)
+            ax.set_yscale("symlog", linthresh=threshold)
+            ax.set_ylim(bottom=-0.5 * threshold)
+        elif values:
+            ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=10)
         ax.set_ylabel(panel.ylabel, fontsize=9)
         ax.set_xlabel("epoch")
@@ -156,8 +162,8 @@ def draw(groups: list[Group], path: Path, title: str, panels=PAPER, columns: int
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(title + "\n(symlog y axes: 0 sits at the bottom; bands: min-max over seeds; "
-                 "dotted: learning-rate drops)", fontsize=10)
+    fig.suptitle(title + "\n(log y axes, symlog where a value is 0: then 0 sits at the bottom; "
+                 "bands: min-max over seeds; dotted: learning-rate drops)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
