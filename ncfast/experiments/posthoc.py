@@ -65,8 +65,8 @@ def measure_run(run_dir: str | Path, splits: tuple[str, ...] = ("train", "test")
             model.load_state_dict(saved["model"])
             for split, loader in (("train", train_eval), ("test", test)):
                 if split in splits:
-                    records.append(measure_split(model, model.fc, loader, loss_fn, torch.device(device),
-                                                 cfg, split, epoch))
+                    records.append(measure_split(model, model.fc, loader, loss_fn,
+                                                 torch.device(device), cfg, split, epoch))
     finally:
         close_workers(train_eval, test)
     text = "".join(json.dumps(r) + "\n" for r in records)

@@ -35,8 +35,8 @@ PLOT_NUMBERS = "nc.json"  # the numbers behind nc.png
 MEASURED = "measured.jsonl"  # what `ncfast measure RUN` computes over the kept checkpoints
 # Every name a run folder may hold (glob patterns): a folder holding anything else is not a run,
 # and --overwrite refuses to replace it. Add new run files here.
-RUN_FILES = (CONFIG, METRICS, PLOT, PLOT_NUMBERS, MEASURED, CSV_LOG, TENSORBOARD_DIR, "checkpoint*.pt",
-             ".*.tmp")
+RUN_FILES = (CONFIG, METRICS, PLOT, PLOT_NUMBERS, MEASURED, CSV_LOG, TENSORBOARD_DIR,
+             "checkpoint*.pt", ".*.tmp")
 
 # What every checkpoint must hold, with the type of each entry (a hand-made or partial file is
 # refused by name). Add new entries here.
