@@ -15,6 +15,7 @@ from ncfast.experiments.miniimagenet import FILES, convert
 from ncfast.experiments.runs import Run, group_runs, is_finished, load_run
 from ncfast.train import ConfigError, load, run
 from ncfast.train import checkpoint as ckpt
+from ncfast.train.config import dump
 
 QUICK = ["data.name=gaussian", "data.gaussian_dim=16", "data.gaussian_train_per_class=40",
          "data.gaussian_test_per_class=10", "data.batch_size=40", "model.hidden=[32]",
@@ -71,14 +72,17 @@ def test_sweep_resumes_the_interrupted_run_skips_finished_ones_and_prints_comman
                       "data: {name: gaussian, gaussian_dim: 16, gaussian_train_per_class: 40, "
                       "gaussian_test_per_class: 10, batch_size: 40}\nmodel: {hidden: [32]}\n")
     sweep_dir = tmp_path / "runs" / "s"
-    # seed=0 was stopped after 1 of its 2 epochs (its checkpoint is there)
+    # seed=0 was stopped after 1 of its 2 epochs (its checkpoint is there); seed=1 was killed
+    # before its first checkpoint (its folder holds only its config)
     run(load(str(config), ["seed=0", "epochs=1", "name=seed=0", f"runs_dir={sweep_dir}"]))
+    (sweep_dir / "seed=1").mkdir()
+    (sweep_dir / "seed=1" / "config.yaml").write_text(dump(load(str(config), ["seed=1"])))
     args = [f"--config={config}", "seed=0,1", "--name=s", f"--runs-dir={tmp_path / 'runs'}"]
     sweep.main(args + ["--print"])
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and printed[0].startswith("ncfast train --config ")
     assert printed[0].endswith(f"name=seed=0 runs_dir={sweep_dir} progress=false --resume")
-    assert "name=seed=1" in printed[1] and "--resume" not in printed[1]
+    assert printed[1].endswith(f"name=seed=1 runs_dir={sweep_dir} progress=false --overwrite")
 
     sweep.main(args)  # one job: the runs train in this process
     assert "2/2 runs finished" in capsys.readouterr().out

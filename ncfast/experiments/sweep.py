@@ -28,14 +28,15 @@ class PlannedRun:
     config: str | None  # a YAML file or preset name; None: the digits default
     overrides: list[str]
     run_dir: Path
-    state: str  # "finished", "resume" or "new"
+    state: str  # "finished", "resume", "restart" (no checkpoint yet) or "new"
 
     def command(self, installed: bool = False) -> list[str]:
         """The `ncfast train` command of this run: through this Python, or (``installed``) as
         the console script a cluster node has on its PATH."""
         head = ["ncfast", "train"] if installed else [sys.executable, "-m", "ncfast", "train"]
         head += ["--config", self.config] if self.config else []
-        return head + self.train_overrides() + (["--resume"] if self.state == "resume" else [])
+        flag = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(self.state, [])
+        return head + self.train_overrides() + flag
 
     def train_overrides(self) -> list[str]:
         return self.overrides + [f"name={self.name}", f"runs_dir={self.run_dir.parent}",
@@ -108,6 +109,8 @@ def plan(runs: list[tuple[str | None, list[str]]], runs_dir: str | Path,
             state = "finished"
         elif (run_dir / ckpt.CHECKPOINT).is_file():
             state = "resume"
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
+            state = "restart"  # killed before its first checkpoint: nothing to resume
         else:
             state = "new"
         planned.append(PlannedRun(name, config, overrides, run_dir, state))
@@ -135,7 +138,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, threads: int = 0,
             r = todo.pop(0)
             r.run_dir.parent.mkdir(parents=True, exist_ok=True)
             logfile = open(r.run_dir.parent / f"{r.name}.log", "a")
-            log(f"{'resume' if r.state == 'resume' else 'start'} {r.name}")
+            log(f"{r.state if r.state != 'new' else 'start'} {r.name}")
             proc = subprocess.Popen(r.command(), stdout=logfile, stderr=subprocess.STDOUT,
                                     env=env)
             running.append((r, proc, logfile))
@@ -158,9 +161,10 @@ def execute(runs: list[PlannedRun], jobs: int = 1, threads: int = 0,
 def _train_here(r: PlannedRun, log) -> bool:
     from ..train import run
 
-    log(f"{'resume' if r.state == 'resume' else 'start'} {r.name}")
+    log(f"{r.state if r.state != 'new' else 'start'} {r.name}")
     try:
-        run(load(r.config, r.train_overrides()), resume=r.state == "resume")
+        run(load(r.config, r.train_overrides()), resume=r.state == "resume",
+            overwrite=r.state == "restart")
     except Exception as err:  # one failed run does not stop the sweep
         log(f"FAILED {r.name} ({type(err).__name__}: {err})")
         return False
