@@ -26,8 +26,22 @@ for f in tests/test_*.py; do
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1  # 5: no CUDA test in that file
   echo "$name: $(tail -1 "$OUT/pytest-cuda-$name.txt") (exit $rc)"
 done
-# The digits default (make run) on the GPU, seed 0: every NC property must collapse there too
-# (ncfast.experiments.default_run checks it and writes the table); capped at 2 minutes.
+# The digits default (make run) on the CPU, seeds 0-3 with 1 and 2 threads, the 8 runs at once,
+# each pinned to 2 cores of its own (an unshared 2-core machine each); default_run then finds
+# them finished and checks them (every NC property collapsing) and writes the README table with
+# each run's training time. Then seed 0 on the GPU. Capped at 3 + 2 minutes.
+for t in 1 2; do
+  for s in 0 1 2 3; do
+    c=$(( (t - 1) * 8 + s * 2 ))
+    OMP_NUM_THREADS=$t timeout "${DEFAULT_RUN_TIMEOUT:-180}" taskset -c "$c,$((c + 1))" \
+      $PY -m ncfast train device=cpu seed=$s progress=false runs_dir="$OUT/default-cpu" \
+      name="seed=${s}__threads=$t" > "$OUT/default-cpu-$s-$t.log" 2>&1 &
+  done
+done
+wait
+timeout 120 $PY -m ncfast.experiments.default_run --out "$OUT/default-cpu" > "$OUT/default-cpu.log" 2>&1 \
+  || status=1
+tail -14 "$OUT/default-cpu.log"
 timeout "${DEFAULT_RUN_TIMEOUT:-120}" $PY -m ncfast.experiments.default_run --seeds 0 --threads 1 \
   --out "$OUT/default-cuda" device=cuda > "$OUT/default-cuda.log" 2>&1 || status=1
 tail -8 "$OUT/default-cuda.log"
