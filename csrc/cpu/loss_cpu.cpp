@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> rescaled_mse_reduced_cpu(
     AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "rescaled_mse_reduced_cpu", [&] {
       const scalar_t* z = logits.const_data_ptr<scalar_t>();
       const index_t* y = target.const_data_ptr<index_t>();
-      at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      const auto sum_blocks = [&](int64_t first, int64_t last) {
         for (int64_t blk = first; blk < last; ++blk) {
           double s = 0;
           int64_t n = 0;
@@ -138,7 +138,14 @@ std::tuple<at::Tensor, at::Tensor> rescaled_mse_reduced_cpu(
           partial[blk] = s;
           count[blk] = n;
         }
-      });
+      };
+      // One block (small inputs) runs inline: an OpenMP region for it costs more than the work,
+      // and far more when the other threads are busy.
+      if (blocks > 1) {
+        at::parallel_for(0, blocks, 1, sum_blocks);
+      } else {
+        sum_blocks(0, blocks);
+      }
       double total = 0;
       int64_t rows = 0;
       for (int64_t blk = 0; blk < blocks; ++blk) {
