@@ -145,7 +145,8 @@ def test_tensorboard_and_csv_hold_what_metrics_jsonl_holds(tmp_path):
 
 
 def test_an_unknown_log_backend_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="config key 'log' takes tensorboard, csv, got 'wandb'"):
+    with pytest.raises(ConfigError, match=r"config key 'log' must be a list of tensorboard, "
+                                          r"csv, got \['wandb'\]"):
         quick(tmp_path, "log=[wandb]")
 
 

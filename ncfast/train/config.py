@@ -189,6 +189,8 @@ RULES = [
      "a list of widths in [1, 2^31 - 1]"),
     (("optim.betas",), lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
      "two numbers in [0, 1)"),
+    (("log",), lambda v: all(b in LOG_BACKENDS for b in v),
+     f"a list of {', '.join(LOG_BACKENDS)}"),
 ]
 NAME_BYTES = 200  # a folder name, with room for the run's hidden lock and staging names
 
@@ -397,10 +399,6 @@ def validate(cfg: TrainConfig) -> None:
         if flat[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {show_value(flat[key])}")
-    for backend in cfg.log:
-        if backend not in LOG_BACKENDS:
-            raise ConfigError(f"config key 'log' takes {', '.join(LOG_BACKENDS)}, got "
-                              f"{show_value(backend)}")
     for keys, test, rule in RULES:
         for key in keys:
             if not test(flat[key]):
