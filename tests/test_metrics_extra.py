@@ -366,3 +366,14 @@ def test_extra_metrics_on_cuda_equal_the_cpu_ones():
     assert b_f == pytest.approx(a_f, rel=1e-9)
     torch.testing.assert_close(b_v, a_v)
     assert b_h.tolist() == a_h.tolist()
+
+
+def test_train_config_takes_extras_and_names_the_allowed_ones():
+    from ncfast.train import config
+
+    assert config.load(None, ["track.extras=[gnc2,nf_ratio]"]).track.extras == ["gnc2",
+                                                                                 "nf_ratio"]
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config key 'track.extras' must be a list of unc3, cosine_margin, ncc_accuracy, "
+            "nf_ratio, gnc2, got ['nc5']")):
+        config.load(None, ["track.extras=[nc5]"])

@@ -164,6 +164,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
 }
 LOG_BACKENDS = ("tensorboard", "csv")
+TRAIN_EXTRAS = tuple(e for e in EXTRAS if e != "nc5")  # NC5 needs OOD data: ncfast.measure
 INT_MAX = 2**31 - 1  # sizes and counts stay within C int (torch, numpy, the kernels)
 # (keys, test, rule): every numeric key has one (a test checks), so no value fails later
 RULES = [
@@ -191,6 +192,8 @@ RULES = [
      "two numbers in [0, 1)"),
     (("log",), lambda v: all(b in LOG_BACKENDS for b in v),
      f"a list of {', '.join(LOG_BACKENDS)}"),
+    (("track.extras",), lambda v: all(e in TRAIN_EXTRAS for e in v),
+     f"a list of {', '.join(TRAIN_EXTRAS)}"),
 ]
 NAME_BYTES = 200  # a folder name, with room for the run's hidden lock and staging names
 
@@ -419,11 +422,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.decode == "cuda" and cfg.data.name != "imagefolder":
         raise ConfigError(f"config key 'data.decode' may be 'cuda' for data.name='imagefolder' "
                           f"(JPEG files) only, got data.name={cfg.data.name!r}")
-    train_extras = [e for e in EXTRAS if e != "nc5"]  # NC5 needs OOD data: ncfast.measure
-    bad = [e for e in cfg.track.extras if e not in train_extras]
-    if bad:
-        raise ConfigError(f"config key 'track.extras' must list names from {train_extras}, "
-                          f"got {bad}")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
