@@ -420,7 +420,7 @@ class ClassStats:
     def global_mean(self, kind: str = "weighted") -> Tensor:
         """(d,) sample-weighted mean (1/N) sum_i h_i, or the unweighted mean of the class means
         of the classes that have samples."""
-        mu = self._centred(with_m2=False)[0]
+        mu = self.means  # not _centred(): the variances are not needed here
         if kind == "weighted":
             return (self._counts.double()[:, None] * mu).sum(0) / self.total.clamp(min=1).double()
         if kind == "unweighted":

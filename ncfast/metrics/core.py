@@ -112,26 +112,34 @@ def _check_global_mean(op: str, kind: str) -> None:
         raise ValueError(f"{op}: global_mean must be 'weighted' or 'unweighted', got {kind!r}")
 
 
-def _check_stats(op: str, stats: ClassStatistics) -> tuple[int, int]:
+def _read_stats(op: str, stats: ClassStatistics) -> tuple[int, int, Tensor, Tensor]:
+    """(K, d, counts, means), each property read once: on a ClassStats every read settles the
+    state and rebuilds the (K, d) float64 means, which at vocabulary-scale K costs more than an
+    O(K d) metric itself."""
     for attr in ("num_classes", "dim", "counts", "means", "sigma_w", "class_variances",
                  "global_mean"):
-        if not hasattr(stats, attr):
+        if not hasattr(type(stats), attr) and not hasattr(stats, attr):
             raise TypeError(
                 f"{op}: stats must follow ncfast.metrics.ClassStatistics (no attribute "
                 f"{attr!r}), got {type(stats).__name__}"
             )
     K, d = int(stats.num_classes), int(stats.dim)
-    if tuple(stats.counts.shape) != (K,):
+    counts, means = stats.counts, stats.means
+    if tuple(counts.shape) != (K,):
         raise ValueError(
             f"{op}: stats.counts must have shape [num_classes] = [{K}], "
-            f"got shape {list(stats.counts.shape)}"
+            f"got shape {list(counts.shape)}"
         )
-    if tuple(stats.means.shape) != (K, d):
+    if tuple(means.shape) != (K, d):
         raise ValueError(
             f"{op}: stats.means must have shape [num_classes, dim] = [{K}, {d}], "
-            f"got shape {list(stats.means.shape)}"
+            f"got shape {list(means.shape)}"
         )
-    return K, d
+    return K, d, counts, means
+
+
+def _check_stats(op: str, stats: ClassStatistics) -> tuple[int, int]:
+    return _read_stats(op, stats)[:2]
 
 
 def _class_indices(op: str, classes: Classes, K: int, device: torch.device) -> Tensor:
@@ -239,16 +247,18 @@ class _Prepared:
 
 def _prepare(op: str, stats: ClassStatistics, global_mean: str, classes: Classes) -> _Prepared:
     _check_global_mean(op, global_mean)
-    K, d = _check_stats(op, stats)
-    device = stats.means.device
+    K, d, counts_all, means_all = _read_stats(op, stats)
+    device = means_all.device
     idx = _class_indices(op, classes, K, device)
-    counts_all = stats.counts.to(device)
+    counts_all = counts_all.to(device)
     _check_nonempty(op, counts_all, idx)
     if idx.numel() < 2:
         raise ValueError(f"{op}: needs at least 2 classes, got {idx.numel()}")
     counts = counts_all[idx].to(_F64)
-    means = stats.means.to(_F64)[idx]
-    if classes is None:
+    means = means_all.to(_F64)
+    if classes is not None:
+        means = means[idx]
+    if classes is None:  # the protocol's own global mean (it may be accumulated separately)
         mu_g = stats.global_mean(global_mean).to(device=device, dtype=_F64)
     elif global_mean == "weighted":
         mu_g = (counts[:, None] * means).sum(0) / counts.sum()
@@ -548,11 +558,11 @@ def bias_norm(
     """
     op = _name("bias_norm")
     if classes is None and global_mean == "weighted":
-        K, d = _check_stats(op, stats)
-        device = stats.means.device
+        K, d, counts, means = _read_stats(op, stats)
+        device = means.device
         prep = _Prepared(
             K=K, d=d, idx=torch.arange(K, device=device), all_classes=True,
-            counts=stats.counts.to(_F64), means=stats.means.to(_F64),
+            counts=counts.to(device=device, dtype=_F64), means=means.to(_F64),
             mu_g=stats.global_mean("weighted").to(device=device, dtype=_F64), Mc=None,
         )
     else:
