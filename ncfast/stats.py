@@ -24,6 +24,41 @@ STATE_VERSION = 1
 CHECK_MODES = (True, False, "immediate", "deferred")
 
 
+def checked_state_tensors(op: str, state: dict, specs: dict, device: torch.device) -> dict:
+    """The tensors ``specs`` names, checked and copied before an accumulator's state is touched
+    (its ``load_state_dict`` then commits them at once). ``specs[key] = (shape, dtype)``: an
+    integer dtype takes int32/int64 entries, which must be >= 0; a floating one takes
+    float32/float64 entries, which must be finite in it. Entries on the CPU or on ``device``
+    are accepted. Raises TypeError/ValueError naming the entry, the rule and the value."""
+    missing = [key for key in specs if key not in state]
+    if missing:
+        raise ValueError(f"{op}: state lacks the entries {missing}")
+    new = {}
+    for key, (shape, dtype) in specs.items():
+        t = state[key]
+        integral = not dtype.is_floating_point
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: state[{key!r}] must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: state[{key!r}] must have shape {list(shape)}, got "
+                             f"{list(t.shape)}")
+        allowed = (torch.int64, torch.int32) if integral else (torch.float32, torch.float64)
+        if t.dtype not in allowed:
+            raise TypeError(f"{op}: state[{key!r}] must have dtype "
+                            f"{' or '.join(map(str, allowed))}, got {t.dtype}")
+        if t.device.type != "cpu" and t.device != device:
+            raise ValueError(f"{op}: state[{key!r}] must be on the CPU or on {device}, "
+                             f"got {t.device}")
+        t = t.detach().to(device=device, dtype=dtype, copy=True)
+        bad = (t < 0).any() if integral else ~t.isfinite().all()
+        if t.numel() and bool(bad):
+            rule = ">= 0" if integral else f"finite in {dtype}"
+            raise ValueError(f"{op}: state[{key!r}] must be {rule}, got "
+                             f"{t.min().item() if integral else 'NaN or Inf'}")
+        new[key] = t
+    return new
+
+
 class ClassStats:
     r"""Accumulates, batch by batch, everything the NC metrics need from last-layer features.
 
@@ -534,9 +569,7 @@ class ClassStats:
             raise ValueError(f"{op}: expected a ClassStats state of version {STATE_VERSION}, "
                              f"got version {state.get('version')!r}")
         K, d = self.num_classes, self.dim
-        shapes = {"counts": (K,), "shift": (K, d), "sums": (K, d), "sq": (K,), "gram": (d, d),
-                  "nc4_mismatches": (), "nc4_total": ()}
-        missing = [key for key in ("num_classes", "dim", *shapes) if key not in state]
+        missing = [key for key in ("num_classes", "dim") if key not in state]
         if missing:
             raise ValueError(f"{op}: state lacks the entries {missing}")
         for key in ("num_classes", "dim"):
@@ -544,30 +577,10 @@ class ClassStats:
                 raise TypeError(f"{op}: state[{key!r}] must be an int, got "
                                 f"{type(state[key]).__name__}")
         self._check_compatible("load_state_dict", state["num_classes"], state["dim"])
-        new = {}
-        for key, shape in shapes.items():
-            t = state[key]
-            integral = key in ("counts", "nc4_mismatches", "nc4_total")
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{op}: state[{key!r}] must be a tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{op}: state[{key!r}] must have shape {list(shape)}, got "
-                                 f"{list(t.shape)}")
-            allowed = (torch.int64, torch.int32) if integral else (torch.float32, torch.float64)
-            if t.dtype not in allowed:
-                raise TypeError(f"{op}: state[{key!r}] must have dtype "
-                                f"{' or '.join(map(str, allowed))}, got {t.dtype}")
-            if t.device.type != "cpu" and t.device != self.device:
-                raise ValueError(f"{op}: state[{key!r}] must be on the CPU or on {self.device}, "
-                                 f"got {t.device}")
-            t = t.detach().to(device=self.device, dtype=torch.int64 if integral else self.dtype,
-                              copy=True)
-            bad = (t < 0).any() if integral else ~t.isfinite().all()
-            if bool(bad):
-                rule = ">= 0" if integral else f"finite in {self.dtype}"
-                raise ValueError(f"{op}: state[{key!r}] must be {rule}, got "
-                                 f"{t.min().item() if integral else 'NaN or Inf'}")
-            new[key] = t
+        i64, f = torch.int64, self.dtype
+        new = checked_state_tensors(op, state, {
+            "counts": ((K,), i64), "shift": ((K, d), f), "sums": ((K, d), f), "sq": ((K,), f),
+            "gram": ((d, d), f), "nc4_mismatches": ((), i64), "nc4_total": ((), i64)}, self.device)
         if bool(new["nc4_mismatches"] > new["nc4_total"]):
             raise ValueError(f"{op}: state['nc4_mismatches'] must be <= state['nc4_total'], got "
                              f"{int(new['nc4_mismatches'])} > {int(new['nc4_total'])}")

@@ -10,11 +10,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..stats import checked_state_tensors
 from .core import ClassStatistics, EmptyClassError, _check_stats
 
 _F64 = torch.float64
 MARGIN_KINDS = ("centred", "official")
 _BLOCK = 2**24  # entries of a (rows, K) block of scores
+STATE_VERSION = 1
+
+
+def _check_state_header(op: str, state, kind: str, expected: dict) -> None:
+    """A state's type, version and settings, before any of its tensors is read."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{op}: state must be a dict (from state_dict()), got "
+                        f"{type(state).__name__}")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{op}: expected a {kind} state of version {STATE_VERSION}, got "
+                         f"version {state.get('version')!r}")
+    settings = state.get("settings")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{op}: state['settings'] must be a dict, got "
+                         f"{type(settings).__name__}")
+    for key, mine in expected.items():
+        theirs = settings.get(key)
+        if type(theirs) is not type(mine) or theirs != mine:
+            raise ValueError(f"{op}: state['settings'][{key!r}] must be {mine!r} (this "
+                             f"accumulator's setting), got {theirs!r}")
 
 
 def _check_features(op: str, features: Tensor, dim: int, device: torch.device) -> None:
@@ -285,13 +306,78 @@ class PerSampleStats:
                              f"(pass classes=...)")
         return (nuclear / frob2.sqrt()).mean().item()
 
+    # ---- saving
+
+    def _settings(self) -> dict:
+        return {"num_classes": self.num_classes, "dim": self.dim, "margin": self.margin_kind,
+                "margin_bins": self.margin_bins, "ncc": self._ncc,
+                "class_scatter": self._scatter, "keep_margins": self.keep_margins,
+                "weight": self._weight is not None}
+
+    def state_dict(self) -> dict:
+        """The samples' state, with the settings and the first pass's means and classifier it
+        was built from; ``load_state_dict`` restores it exactly."""
+        state = {"version": STATE_VERSION, "settings": self._settings(),
+                 "means": self._means.clone(),
+                 **{key: t.clone() for key, t in zip(self._part_names(), self._parts())}}
+        if self._weight is not None:
+            state["classifier"] = self._weight[0].clone()
+        if self.keep_margins:
+            state["margins"] = torch.cat(self._margin_values) if self._margin_values else \
+                torch.zeros(0, dtype=_F64, device=self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict`` into an accumulator built from the same means, classifier
+        and options, all or nothing: the settings, the means and classifier (equal), every
+        tensor's shape, dtype and device, counts >= 0, finite sums and consistent totals are
+        checked before the state is touched; any failure raises (TypeError/ValueError naming
+        the entry) and leaves this accumulator as it was."""
+        op = "ncfast.metrics.PerSampleStats.load_state_dict"
+        _check_state_header(op, state, "PerSampleStats", self._settings())
+        K, d, i64 = self.num_classes, self.dim, torch.int64
+        specs = {"means": ((K, d), self.dtype), "count": ((), i64), "ncc_correct": ((), i64),
+                 "margin_sum": ((), _F64), "margin_hist": ((self.margin_bins,), i64)}
+        if self._weight is not None:
+            specs["classifier"] = ((K, d), self.dtype)
+        if self._scatter:
+            specs.update(class_n=((K,), i64), class_sum=((K, d), _F64),
+                         class_scatter=((K, d, d), _F64))
+        if self.keep_margins:
+            margins = state.get("margins")
+            rows = margins.shape[0] if isinstance(margins, Tensor) and margins.dim() == 1 else 0
+            specs["margins"] = ((rows,), _F64)
+        new = checked_state_tensors(op, state, specs, self.device)
+        for key, mine in (("means", self._means), ("classifier", self._weight and self._weight[0])):
+            if key in new and not torch.equal(new[key], mine):
+                raise ValueError(f"{op}: state[{key!r}] must equal the {key} this accumulator "
+                                 f"was built from")
+        count = int(new["count"])
+        totals = {"ncc_correct": int(new["ncc_correct"])}
+        if self._weight is not None:
+            totals["margin_hist"] = int(new["margin_hist"].sum())
+        if self._scatter:
+            totals["class_n"] = int(new["class_n"].sum())
+        if self.keep_margins and self._weight is not None:
+            totals["margins"] = new["margins"].numel()
+        for key, total in totals.items():
+            if total > count if key == "ncc_correct" else total != count:
+                rule = "<=" if key == "ncc_correct" else "=="
+                raise ValueError(f"{op}: state[{key!r}] must count {rule} state['count'] "
+                                 f"({count}) samples, got {total}")
+        # Everything checked: commit at once.
+        for name, value in zip(self._part_names(), (new[k] for k in self._part_names())):
+            setattr(self, "_" + name, value)
+        self._margin_values = [new["margins"]] if self.keep_margins and count else []
+
     # ---- combining
 
+    def _part_names(self) -> list[str]:
+        names = ["count", "ncc_correct", "margin_sum", "margin_hist"]
+        return names + (["class_n", "class_sum", "class_scatter"] if self._scatter else [])
+
     def _parts(self) -> list[Tensor]:
-        parts = [self._count, self._ncc_correct, self._margin_sum, self._margin_hist]
-        if self._scatter:
-            parts += [self._class_n, self._class_sum, self._class_scatter]
-        return parts
+        return [getattr(self, "_" + name) for name in self._part_names()]
 
     @torch.no_grad()
     def merge(self, other: "PerSampleStats") -> "PerSampleStats":
@@ -369,6 +455,27 @@ class FeatureMean:
         if int(self._count) == 0:
             raise ValueError("ncfast.metrics.FeatureMean.mean: no samples were added")
         return self._shift + self._sum / int(self._count)
+
+    def state_dict(self) -> dict:
+        """Count, reference point and shifted sum; ``load_state_dict`` restores them exactly."""
+        shift = self._shift if self._shift is not None else self._sum.new_zeros(self.dim)
+        return {"version": STATE_VERSION, "settings": {"dim": self.dim},
+                "count": self._count.clone(),
+                "shift": shift.clone(), "sum": self._sum.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict``, all or nothing: dim, shapes, dtypes, devices, count >= 0
+        and finite sums are checked first (TypeError/ValueError naming the entry); a failure
+        leaves this accumulator as it was."""
+        op = "ncfast.metrics.FeatureMean.load_state_dict"
+        _check_state_header(op, state, "FeatureMean", {"dim": self.dim})
+        d = self.dim
+        new = checked_state_tensors(op, state, {"count": ((), torch.int64), "shift": ((d,), _F64),
+                                                "sum": ((d,), _F64)}, self.device)
+        if int(new["count"]) == 0 and bool(new["sum"].any()):
+            raise ValueError(f"{op}: state['sum'] must be zero when state['count'] is 0")
+        self._count, self._sum = new["count"], new["sum"]
+        self._shift = new["shift"] if int(new["count"]) else None
 
     @torch.no_grad()
     def merge(self, other: "FeatureMean") -> "FeatureMean":
