@@ -251,3 +251,42 @@ def test_metric_on_cuda_matches_the_reference():
         metric.update(feats[i:i + 25].cuda(), labels[i:i + 25].cuda())
     assert metric.stats.device.type == "cuda"
     check(metric.compute(), expected(feats, labels, 4, fc.cpu()))
+
+
+def test_device_and_dtype_moves_carry_the_samples_seen():
+    pytest.importorskip("torchmetrics")
+    feats, labels = data(seed=7)
+    metric = NeuralCollapseMetric(4, 6)  # float32 state
+    metric.update(feats[:60].float(), labels[:60])
+    assert metric.to("cpu") is metric and metric.stats.dtype == torch.float32
+    metric.half()  # torchmetrics' rule: .half()/.double() keep a state's dtype
+    assert metric.stats.dtype == torch.float32
+    metric.set_dtype(torch.float64)
+    assert metric.stats.dtype == torch.float64 and int(metric.stats.total) == 60
+    metric.update(feats[60:], labels[60:])  # float64 batches now accumulate in float64
+    check(metric.compute(), expected(feats, labels, 4), rtol=1e-5)
+    metric.to(torch.float32)
+    assert metric.stats.dtype == torch.float32 and int(metric.stats.total) == len(labels)
+    check(metric.compute(), expected(feats, labels, 4), rtol=1e-5)
+    with pytest.raises(TypeError, match=r"^ncfast.integrations.NeuralCollapseMetric.set_dtype: "
+                       r"the statistics are kept in torch.float32 or torch.float64, got "
+                       r"torch.float16$"):
+        metric.set_dtype(torch.float16)
+    assert metric.stats.dtype == torch.float32 and int(metric.stats.total) == len(labels)
+
+
+@pytest.mark.cuda
+def test_to_cuda_and_back_moves_the_state():
+    pytest.importorskip("torchmetrics")
+    feats, labels = data(seed=8)
+    metric = NeuralCollapseMetric(4, 6, dtype=torch.float64)
+    metric.update(feats[:50], labels[:50])
+    holder = nn.Module()
+    holder.metric = metric
+    holder.cuda()  # moving a module that holds the metric moves its samples
+    assert metric.stats.device.type == "cuda" and metric.device.type == "cuda"
+    metric.update(feats[50:].cuda(), labels[50:].cuda())
+    check(metric.compute(), expected(feats, labels, 4))
+    metric.cpu()
+    assert metric.stats.device.type == "cpu"
+    check(metric.compute(), expected(feats, labels, 4))

@@ -23,11 +23,18 @@ except ImportError:
     TORCHMETRICS = False
 
 _OP = "ncfast.integrations.NeuralCollapseMetric"
+# nn.Module methods whose dtype change torchmetrics does not apply to metric states
+_KEEP_DTYPE = ("Module.type", "Module.half", "Module.float", "Module.double", "Module.bfloat16")
 
 
-def _copy(stats: ClassStats) -> ClassStats:
-    clone = ClassStats(stats.num_classes, stats.dim, device=stats.device, dtype=stats.dtype)
-    clone.load_state_dict(stats.state_dict())
+def _copy(stats: ClassStats, device: torch.device | None = None,
+          dtype: torch.dtype | None = None) -> ClassStats:
+    """An independent accumulator with the same samples, optionally moved or re-typed."""
+    device = stats.device if device is None else device
+    clone = ClassStats(stats.num_classes, stats.dim, device=device,
+                       dtype=stats.dtype if dtype is None else dtype)
+    clone.load_state_dict({key: value.to(device) if isinstance(value, Tensor) else value
+                           for key, value in stats.state_dict().items()})
     return clone
 
 
@@ -50,7 +57,11 @@ class NeuralCollapseMetric(_Base):
     without a process group it is a no-op. ``merge(other)`` adds another metric's samples.
 
     The accumulator lives on the device of the first batch (float32 by default; ``dtype``
-    float64 for references). ``undefined`` and ``global_mean`` are passed to
+    float64 for references) and follows the metric's moves as torchmetrics states do:
+    ``metric.to(device)`` / ``.cuda()`` / ``.cpu()`` (or moving a module that holds it) moves
+    the samples seen so far; ``.to(torch.float64)`` and ``set_dtype`` re-type them (to float32
+    or float64 only; ``set_dtype`` to another dtype is a TypeError), while ``.half()``,
+    ``.float()`` and ``.double()`` leave them as they are (torchmetrics' rule for states). ``undefined`` and ``global_mean`` are passed to
     :func:`ncfast.metrics.all_metrics`; the default ``"none"`` gives None, with the reason in
     ``NCMetrics.undefined``, for a metric the statistics cannot define yet.
     """
@@ -140,6 +151,30 @@ class NeuralCollapseMetric(_Base):
         return self
 
     # ---- torchmetrics hooks: the state is the ClassStats, synchronised by its exact merge
+
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module.to/cuda/cpu/set_dtype end here; torchmetrics moves only add_state states,
+        # so the accumulator (kept out of them: its exact merge is the sync) is moved here.
+        this = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.zeros((), dtype=self.stats_dtype,
+                               device="cpu" if self.stats is None else self.stats.device))
+        dtype, explicit = self.stats_dtype, getattr(self, "_dtype_convert", False)
+        # torchmetrics' rule: .half()/.float()/.double()/.type() keep the states' dtype, .to(dtype)
+        # and set_dtype change it; here only to float32/float64, what ClassStats accumulates in.
+        typed = explicit or not any(name in str(fn) for name in _KEEP_DTYPE)
+        if typed and probe.dtype != dtype:
+            if probe.dtype in (torch.float32, torch.float64):
+                dtype = probe.dtype
+            elif explicit:
+                raise TypeError(f"{_OP}.set_dtype: the statistics are kept in torch.float32 "
+                                f"or torch.float64, got {probe.dtype}")
+        if self.stats is not None and (probe.device != self.stats.device or
+                                       dtype != self.stats.dtype):
+            self.__dict__["stats"] = _copy(self.stats, probe.device, dtype)
+        self.stats_dtype = dtype
+        if TORCHMETRICS:  # torchmetrics re-typed its cached result; compute it again (float64)
+            self._computed = None
+        return this
 
     def merge_state(self, incoming_state) -> None:
         """torchmetrics' name for :meth:`merge` (a metric or one's ``nc_state``)."""
