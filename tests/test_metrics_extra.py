@@ -375,5 +375,61 @@ def test_train_config_takes_extras_and_names_the_allowed_ones():
                                                                                  "nf_ratio"]
     with pytest.raises(config.ConfigError, match=re.escape(
             "config key 'track.extras' must be a list of unc3, cosine_margin, ncc_accuracy, "
-            "nf_ratio, gnc2, got ['nc5']")):
+            "nf_ratio, gnc2 (NC5 is measured when track.ood names OOD data), got ['nc5']")):
         config.load(None, ["track.extras=[nc5]"])
+
+
+def test_train_tracks_nc5_on_the_configured_ood_data(tmp_path):
+    import csv
+
+    from torch import nn
+
+    from ncfast.train import load, run
+    from ncfast.train.data import load_splits, ood_loader
+
+    cfg = load(None, ["data.name=gaussian", "data.gaussian_dim=12", "data.num_classes=4",
+                      "data.gaussian_train_per_class=30", "data.gaussian_test_per_class=10",
+                      "data.batch_size=40", "epochs=1", "track.every=1", "track.ood=gaussian",
+                      "track.extras=[]", "track.nc4=false", "log=[csv]", "progress=false",
+                      f"runs_dir={tmp_path}"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    result = run(cfg, model=model)
+    nc = [r for r in result.records if r["kind"] == "nc"]
+    assert [(r["epoch"], r["split"]) for r in nc] == [(0, "train"), (0, "test"), (1, "train"),
+                                                      (1, "test")]
+    # the float64 two-pass reference on the trained model: the class means of the training
+    # features against the mean of the OOD features (40 draws: as many as the test set)
+    splits = load_splits(cfg.data, cfg.seed)
+    x, y = splits.train_eval.tensors
+    ood = torch.cat([batch[0] for batch in ood_loader("gaussian", splits, cfg.data, cfg.seed,
+                                                      0, 1, False)])
+    assert ood.shape == (40, 12)
+    features = model[:2].double()
+    with torch.no_grad():
+        h, h_ood = features(x.double()), features(ood.double())
+    means = torch.stack([h[y == k].mean(0) for k in range(4)])
+    want = (F.normalize(means, dim=1) @ F.normalize(h_ood.mean(0), dim=0)).abs().mean().item()
+    assert result.final["train"]["nc5"] == pytest.approx(want, rel=1e-5)
+    assert all(0 <= r["nc5"] <= 1 for r in nc)
+    with (result.run_dir / "metrics.csv").open() as f:
+        tags = {row["tag"] for row in csv.DictReader(f)}
+    assert {"nc/train/nc5", "nc/test/nc5"} <= tags
+
+
+def test_train_ood_key_is_checked():
+    from ncfast.train import config
+    from ncfast.train.data import Splits, ood_loader
+
+    assert config.load(None, ["track.ood=noise"]).track.ood == "noise"
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config key 'track.ood' must be one of none, noise, gaussian, got 'cifar10'")):
+        config.load(None, ["track.ood=cifar10"])
+    images = torch.zeros(6, 1, 8, 8)
+    splits = Splits(None, None, torch.utils.data.TensorDataset(images), 3, (1, 8, 8))
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config key 'track.ood' must be none or noise for inputs of shape [1, 8, 8] "
+            "(gaussian draws flat inputs), got 'gaussian'")):
+        ood_loader("gaussian", splits, config.DataConfig(), 0, 0, 1, False)
+    noise = ood_loader("noise", splits, config.DataConfig(), 0, 0, 1, False)
+    assert next(iter(noise))[0].shape == (6, 1, 8, 8)

@@ -112,6 +112,10 @@ class TrackConfig:
                                     "class, a fixed subset drawn from seed (0: all of it)")
     extras: list[str] = setting(["unc3"], "extra metrics (theory.md 5.10-5.12): unc3, gnc2, "
                                 "cosine_margin, ncc_accuracy, nf_ratio")
+    ood: str = setting("none", "out-of-distribution inputs for NC5 (theory.md 5.11), as many "
+                       "as the test set (at most 10,000), from a seed of their own: none, noise "
+                       "(standard normal inputs in the data's shape), gaussian (a Gaussian "
+                       "mixture in the input dimension; flat inputs only)")
     keep_checkpoints: bool = setting(False, "also keep the model at every tracking epoch "
                                      "(checkpoint-epochNNNN.pt) for ncfast measure RUN")
 
@@ -162,9 +166,10 @@ CHOICES = {
     "schedule.name": ("step", "cosine", "none"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
+    "track.ood": ("none", "noise", "gaussian"),
 }
 LOG_BACKENDS = ("tensorboard", "csv")
-TRAIN_EXTRAS = tuple(e for e in EXTRAS if e != "nc5")  # NC5 needs OOD data: ncfast.measure
+TRAIN_EXTRAS = tuple(e for e in EXTRAS if e != "nc5")  # NC5 comes with track.ood
 INT_MAX = 2**31 - 1  # sizes and counts stay within C int (torch, numpy, the kernels)
 # (keys, test, rule): every numeric key has one (a test checks), so no value fails later
 RULES = [
@@ -193,7 +198,8 @@ RULES = [
     (("log",), lambda v: all(b in LOG_BACKENDS for b in v),
      f"a list of {', '.join(LOG_BACKENDS)}"),
     (("track.extras",), lambda v: all(e in TRAIN_EXTRAS for e in v),
-     f"a list of {', '.join(TRAIN_EXTRAS)}"),
+     f"a list of {', '.join(TRAIN_EXTRAS)} (NC5 is measured when track.ood names OOD "
+     f"data)"),
 ]
 NAME_BYTES = 200  # a folder name, with room for the run's hidden lock and staging names
 

@@ -359,6 +359,39 @@ def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, c
     return train, train_eval, test
 
 
+OOD_MAX_SAMPLES = 10_000
+OOD_SEED_OFFSET = 0x0D0D  # the OOD draws never share a generator state with the data's
+
+
+def ood_loader(name: str, splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int,
+               cuda: bool) -> DataLoader | None:
+    """The out-of-distribution inputs of ``track.ood`` (NC5), this process's shard, or None
+    for "none": as many as the test set (at most OOD_MAX_SAMPLES), in the training inputs'
+    shape, drawn from ``seed`` + OOD_SEED_OFFSET so the same run always measures the same
+    ones. "noise": standard normal inputs; "gaussian": the test split of :func:`gaussian`
+    with the data's K in its input dimension (flat inputs only)."""
+    if name == "none":
+        return None
+    n = min(len(splits.test), OOD_MAX_SAMPLES)
+    ood_seed = seed + OOD_SEED_OFFSET
+    if name == "noise":
+        x = torch.randn(n, *splits.input_shape,
+                        generator=torch.Generator().manual_seed(ood_seed))
+    elif len(splits.input_shape) != 1:
+        raise ConfigError(f"config key 'track.ood' must be none or noise for inputs of shape "
+                          f"{list(splits.input_shape)} (gaussian draws flat inputs), got "
+                          f"{show_value(name)}")
+    else:
+        K = splits.num_classes
+        mixture = DataConfig(name="gaussian", num_classes=K, gaussian_dim=splits.input_shape[0],
+                             gaussian_train_per_class=1,
+                             gaussian_test_per_class=math.ceil(n / K))
+        x = gaussian(mixture, ood_seed).test.tensors[0][:n]
+    ood = InMemory(x, torch.zeros(n, dtype=torch.int64))
+    return _loader(ood, max(1, cfg.eval_batch_size // world), Shard(n, rank, world), cfg, cuda,
+                   drop_last=False)
+
+
 def close_workers(*loaders: DataLoader) -> None:
     """Stop the persistent workers now. A DataLoader and its worker iterator refer to each other,
     so without this the workers live until the garbage collector runs (or, at interpreter exit,

@@ -26,7 +26,7 @@ from . import config as config_mod
 from . import logs, report, sync_batch_norm
 from .config import ConfigError, TrainConfig
 from .data import (IMAGENET_MEAN, IMAGENET_STD, JpegFiles, class_subset, close_workers,
-                   load_splits, loaders)
+                   load_splits, loaders, ood_loader)
 from .gpu_decode import GpuPipeline
 from .models import build_model
 from .runfolder import RunFolder
@@ -184,15 +184,17 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def measure_split(model, fc, loader, loss_fn, device, cfg: TrainConfig, split: str,
-                  epoch: int) -> dict:
+                  epoch: int, ood=None) -> dict:
     """One NC record of ``split`` (the metrics, accuracy, loss, norms) at ``epoch``, with
-    ``fc`` the classifier whose input is the measured feature."""
+    ``fc`` the classifier whose input is the measured feature; with ``ood`` (a loader of
+    out-of-distribution inputs) NC5 too."""
     start = time.perf_counter()
     # In float32 even when training under bf16/fp16 autocast: their rounding (2^-8 / 2^-11)
     # would swamp the within-class spread of a collapsed network, and with it NC1.
     try:
         m = measure(model, loader, classifier=fc, device=device, nc4=cfg.track.nc4,
-                    loss_fn=loss_fn, undefined="none", extras=cfg.track.extras)
+                    loss_fn=loss_fn, undefined="none", extras=cfg.track.extras,
+                    ood_loader=ood)
     except NonFiniteFeaturesError as err:
         raise TrainingDiverged(f"training diverged by epoch {epoch}: the {split} features are "
                                f"not finite in eval mode ({err}); lower optim.lr (now "
@@ -372,6 +374,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     splits.train_eval = class_subset(splits.train_eval, cfg.track.subset_per_class, cfg.seed)
     train_loader, train_eval_loader, test_loader = loaders(
         splits, cfg.data, cfg.seed, d.rank, d.world, device.type == "cuda")
+    ood = ood_loader(cfg.track.ood, splits, cfg.data, cfg.seed, d.rank, d.world,
+                     device.type == "cuda")
     if user_model is None:
         model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(device)
         classifier = model.fc  # every built-in model ends in this classifier
@@ -458,10 +462,10 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
         start = time.perf_counter()
         _sync_buffers(model, d)
         emit(measure_split(model, classifier, train_eval_loader, loss_fn, device, cfg, "train",
-                           epoch))
+                           epoch, ood))
         if cfg.track.test:
             emit(measure_split(model, classifier, test_loader, loss_fn, device, cfg, "test",
-                               epoch))
+                               epoch, ood))
         track_time += time.perf_counter() - start
         if folder is not None and cfg.track.keep_checkpoints:
             ckpt.save(folder.path / ckpt.kept(epoch), payload(epoch), keep_previous=False)
@@ -530,7 +534,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
             metrics_file.close()
         if extra_logs is not None:
             extra_logs.close()
-        close_workers(train_loader, train_eval_loader, test_loader)
+        close_workers(train_loader, train_eval_loader, test_loader,
+                      *([] if ood is None else [ood]))
 
     if folder is not None:
         report.plot(records, folder.path / ckpt.PLOT, f"{cfg.name}: {arch} on "
