@@ -24,6 +24,16 @@ STATE_VERSION = 1
 CHECK_MODES = (True, False, "immediate", "deferred")
 
 
+def check_state_version(op: str, state, kind: str, version: int) -> None:
+    """A saved state is a dict of the expected version (before any entry is read)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{op}: state must be a dict (from state_dict()), got "
+                        f"{type(state).__name__}")
+    if state.get("version") != version:
+        raise ValueError(f"{op}: expected a {kind} state of version {version}, got version "
+                         f"{state.get('version')!r}")
+
+
 def checked_state_tensors(op: str, state: dict, specs: dict, device: torch.device) -> dict:
     """The tensors ``specs`` names, checked and copied before an accumulator's state is touched
     (its ``load_state_dict`` then commits them at once). ``specs[key] = (shape, dtype)``: an
@@ -562,12 +572,7 @@ class ClassStats:
         failure raises (TypeError/ValueError naming the entry) and leaves this accumulator as
         it was. Tensors on the CPU or this accumulator's device are accepted (and copied)."""
         op = "ncfast.ClassStats.load_state_dict"
-        if not isinstance(state, dict):
-            raise TypeError(f"{op}: state must be a dict (from state_dict()), got "
-                            f"{type(state).__name__}")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{op}: expected a ClassStats state of version {STATE_VERSION}, "
-                             f"got version {state.get('version')!r}")
+        check_state_version(op, state, "ClassStats", STATE_VERSION)
         K, d = self.num_classes, self.dim
         missing = [key for key in ("num_classes", "dim") if key not in state]
         if missing:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..stats import checked_state_tensors
+from ..stats import check_state_version, checked_state_tensors
 from .core import ClassStatistics, EmptyClassError, _check_stats
 
 _F64 = torch.float64
@@ -21,12 +21,7 @@ STATE_VERSION = 1
 
 def _check_state_header(op: str, state, kind: str, expected: dict) -> None:
     """A state's type, version and settings, before any of its tensors is read."""
-    if not isinstance(state, dict):
-        raise TypeError(f"{op}: state must be a dict (from state_dict()), got "
-                        f"{type(state).__name__}")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{op}: expected a {kind} state of version {STATE_VERSION}, got "
-                         f"version {state.get('version')!r}")
+    check_state_version(op, state, kind, STATE_VERSION)
     settings = state.get("settings")
     if not isinstance(settings, dict):
         raise ValueError(f"{op}: state['settings'] must be a dict, got "
