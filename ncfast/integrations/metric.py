@@ -61,8 +61,8 @@ class NeuralCollapseMetric(_Base):
     ``metric.to(device)`` / ``.cuda()`` / ``.cpu()`` (or moving a module that holds it) moves
     the samples seen so far; ``.to(torch.float64)`` and ``set_dtype`` re-type them (to float32
     or float64 only; ``set_dtype`` to another dtype is a TypeError), while ``.half()``,
-    ``.float()`` and ``.double()`` leave them as they are (torchmetrics' rule for states). ``undefined`` and ``global_mean`` are passed to
-    :func:`ncfast.metrics.all_metrics`; the default ``"none"`` gives None, with the reason in
+    ``.float()`` and ``.double()`` leave them as they are (torchmetrics' rule for states).
+    ``undefined`` and ``global_mean`` are passed to :func:`ncfast.metrics.all_metrics`; the default ``"none"`` gives None, with the reason in
     ``NCMetrics.undefined``, for a metric the statistics cannot define yet.
     """
 

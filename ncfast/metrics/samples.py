@@ -343,7 +343,8 @@ class PerSampleStats:
             rows = margins.shape[0] if isinstance(margins, Tensor) and margins.dim() == 1 else 0
             specs["margins"] = ((rows,), _F64)
         new = checked_state_tensors(op, state, specs, self.device)
-        for key, mine in (("means", self._means), ("classifier", self._weight and self._weight[0])):
+        classifier = None if self._weight is None else self._weight[0]
+        for key, mine in (("means", self._means), ("classifier", classifier)):
             if key in new and not torch.equal(new[key], mine):
                 raise ValueError(f"{op}: state[{key!r}] must equal the {key} this accumulator "
                                  f"was built from")
