@@ -4,6 +4,8 @@ one pass, mergeable exactly across batches, shards and processes."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -22,6 +24,13 @@ class StatisticsOverflowError(NonFiniteFeaturesError):
 
 STATE_VERSION = 1
 CHECK_MODES = (True, False, "immediate", "deferred")
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    # the very same tensors (weak references: a replaced state is freed, not kept alive by
+    # the cache, and a dead reference matches nothing), unchanged in place
+    return all(ra() is not None and ra() is rb() and va == vb
+               for (ra, va), (rb, vb) in zip(a, b))
 
 
 def check_state_version(op: str, state, kind: str, version: int) -> None:
@@ -163,6 +172,7 @@ class ClassStats:
     def reset(self) -> None:
         """Forget every sample (keeps K, d, dtype, device and the NC4 classifier)."""
         K, d, opts = self.num_classes, self.dim, dict(device=self.device, dtype=self.dtype)
+        self._means_cache = None  # (key, means, their version): see the means property
         self._counts = torch.zeros(K, device=self.device, dtype=torch.int64)
         self._shift = torch.zeros(K, d, **opts)
         self._sums = torch.zeros(K, d, **opts)
@@ -438,11 +448,30 @@ class ClassStats:
     def means(self) -> Tensor:
         """(K, d) class means mu_k = c_k + S_k / n_k in float64, never rounded to the state
         dtype (a large common offset would cost NC1 three digits in float32); rows of classes
-        with no sample are zero."""
+        with no sample are zero. The same tensor is returned until the state changes (clone it
+        before changing it in place; doing so only makes the next read rebuild it)."""
         self._settle()
+        key = None if torch.is_inference_mode_enabled() else self._means_key()
+        cached = getattr(self, "_means_cache", None)  # absent in an object pickled before it
+        if key is not None and cached is not None and _same_key(cached[0], key) \
+                and cached[1]._version == cached[2]:
+            return cached[1]
         n = self._counts.clamp(min=1).double()
         present = self._present()[:, None]
-        return torch.where(present, self._shift.double() + self._sums.double() / n[:, None], 0)
+        mu = torch.where(present, self._shift.double() + self._sums.double() / n[:, None], 0)
+        # Kept until the state (or the returned tensor itself) changes: a metric that reads the
+        # means and then the global mean builds this (K, d) float64 tensor once, not twice.
+        self._means_cache = None if key is None else (key, mu, mu._version)
+        return mu
+
+    def _means_key(self) -> tuple | None:
+        """Weak references to the state tensors the means come from, with their in-place
+        version counters (None for inference tensors, which have none: no cache then)."""
+        try:
+            return tuple((weakref.ref(t), t._version)
+                         for t in (self._counts, self._shift, self._sums))
+        except RuntimeError:
+            return None
 
     def _centred(self, with_m2: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
         """(mu, M2, per-class sum ||h - mu_k||^2) in float64; M2 (a K d^2 product) is None

@@ -491,3 +491,37 @@ def test_load_state_dict_of_something_else_is_a_type_error():
     for bad in (None, [1, 2], "state"):
         with pytest.raises(TypeError, match=r"state must be a dict \(from state_dict\(\)\), got "):
             stats.load_state_dict(bad)
+
+
+def test_means_are_read_once_and_rebuilt_after_every_change():
+    # The means are cached between reads (a metric reads them, then the global mean); every
+    # change of the state, and an in-place change of the returned tensor, rebuilds them.
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 4, (90,), generator=g)
+    y[:4] = torch.arange(4)
+    h = 3 * torch.randn(4, 5, generator=g, dtype=torch.float64)[y] + torch.randn(
+        90, 5, generator=g, dtype=torch.float64)
+
+    def want(rows):
+        return reference.class_stats(h[rows], y[rows], 4).means
+
+    s = ncfast.ClassStats(4, 5, dtype=torch.float64)
+    s.update(h[:40], y[:40])
+    first = s.means
+    assert s.means is first
+    assert_close(s.global_mean(), reference.class_stats(h[:40], y[:40], 4).global_mean())
+    s.update(h[40:60], y[40:60])
+    assert_close(s.means, want(slice(0, 60)), rtol=1e-12, atol=1e-12)
+    s.means.add_(1.0)  # a caller's in-place change does not stick
+    assert_close(s.means, want(slice(0, 60)), rtol=1e-12, atol=1e-12)
+    other = ncfast.ClassStats(4, 5, dtype=torch.float64)
+    other.update(h[60:], y[60:])
+    s.merge(other)
+    assert_close(s.means, want(slice(None)), rtol=1e-12, atol=1e-12)
+    s.load_state_dict(other.state_dict())
+    assert_close(s.means, want(slice(60, None)), rtol=1e-12, atol=1e-12)
+    s.reset()
+    assert not s.means.any()
+    with torch.inference_mode():  # inference tensors carry no version: no cache, still exact
+        s.update(h, y)
+        assert_close(s.means, want(slice(None)), rtol=1e-12, atol=1e-12)
