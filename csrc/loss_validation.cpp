@@ -132,6 +132,24 @@ std::atomic<void (*)(int)> g_rearm{nullptr};
 
 }  // namespace
 
+void check_guard_budget_args(const at::Tensor& count, int64_t budget) {
+  TORCH_CHECK_VALUE(count.dim() == 0, cat("ncfast.check_guard_budget: count must be 0-D, got ",
+                                          describe(count)));
+  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong, cat(
+      "ncfast.check_guard_budget: count must be torch.int64, got ",
+      py_dtype(count.scalar_type())));
+  TORCH_CHECK_VALUE(budget >= 0, cat("ncfast.check_guard_budget: budget must be >= 0, got ",
+                                     budget));
+}
+
+void raise_guard_budget_error(int64_t count, int64_t budget) {
+  TORCH_CHECK_VALUE(false, cat(
+      "ncfast.linear_rescaled_mse_loss: the gram method's cancellation guard flagged ", count,
+      " rows for an exact recompute, more than guard_budget=", budget, "; the rows beyond it "
+      "kept the Gram form's rounding. Pass a larger guard_budget (at most the batch size) or "
+      "method='chunked'"));
+}
+
 void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index,
                          int32_t op) {
   TORCH_INTERNAL_ASSERT(target.is_cpu());
@@ -169,6 +187,7 @@ void raise_pending_label_errors() {
     const int64_t value = p->value, K = p->num_classes, ignore_index = p->ignore_index;
     *static_cast<volatile int32_t*>(&slot.ready) = 0;
     g_rearm.load()(device);  // the next bad label on this device is recorded again
+    if (op == kGuardBudgetError) raise_guard_budget_error(value, K);
     raise_label_error(op, K, ignore_index, value);
   }
 }

@@ -29,6 +29,10 @@ TORCH_LIBRARY(ncfast, m) {
   // The label rule alone, for the fused linear loss: raises at once on CPU, records on the
   // device on CUDA (no host sync). op names the public function in the message.
   m.def("check_labels(Tensor target, int num_classes, int ignore_index, str op) -> ()");
+  // The fused linear loss's guard budget (gram method): count, a 0-dim int64 tensor, is the
+  // number of rows the cancellation guard flagged; more than budget raises at once on CPU and is
+  // recorded on the device on CUDA (raised like a bad label: next loss op, check_errors()).
+  m.def("check_guard_budget(Tensor count, int budget) -> ()");
 
   // Class statistics (theory.md 5.8, shifted form): one pass over a batch. Row i of class k is
   // shifted by shift[k] (the class's reference point); returns per-class counts, sums and

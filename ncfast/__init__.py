@@ -38,7 +38,8 @@ def _load_extension():
 
 
 # The newest ops (csrc/registration.cpp); each one an older build lacks.
-_REQUIRED_OPS = ("rescaled_mse_reduced", "rescaled_mse_reduced_backward", "check_labels")
+_REQUIRED_OPS = ("rescaled_mse_reduced", "rescaled_mse_reduced_backward", "check_labels",
+                 "check_guard_budget")
 
 
 _C = _load_extension()

@@ -112,6 +112,19 @@ def _check_labels_fake(target, num_classes, ignore_index, op):
     return None
 
 
+@torch.library.register_fake("ncfast::check_guard_budget")
+def _check_guard_budget_fake(count, budget):
+    # The checks of check_guard_budget_args (csrc/loss_validation.cpp), same messages.
+    op = "ncfast.check_guard_budget"
+    if count.dim() != 0:
+        raise ValueError(f"{op}: count must be 0-D, got {_describe(count)}")
+    if count.dtype != torch.int64:
+        raise TypeError(f"{op}: count must be torch.int64, got {count.dtype}")
+    if budget < 0:
+        raise ValueError(f"{op}: budget must be >= 0, got {budget}")
+    return None
+
+
 # ---- formulas (theory.md 2.4), written against a `backward` callable so both paths share them
 
 def _rows_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:

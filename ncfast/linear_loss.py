@@ -26,6 +26,9 @@ MIN_CHUNK_ROWS = 1024
 # for float32, 2^-13 for bf16/fp16, each well under the rounding of the inputs' own dtype.
 GUARD_RATIO = {torch.float64: 2.0**13, torch.float32: 2.0**6, torch.bfloat16: 2.0**11,
                torch.float16: 2.0**11}
+# Default guard budget off the CPU: max(64, N // 8) rows per call (see guard_budget_for).
+MIN_GUARD_BUDGET = 64
+GUARD_BUDGET_FRACTION = 8
 
 _ops = torch.ops.ncfast
 
@@ -33,7 +36,7 @@ _ops = torch.ops.ncfast
 # ------------------------------------------------------------------------------- checks
 
 def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size,
-                   ignore_index) -> None:
+                   ignore_index, guard_budget=None) -> None:
     check_loss_options(k, M, normalize, reduction, op=_OP, ignore_index=ignore_index)
     if method not in METHODS:
         raise ValueError(f"{_OP}: method must be 'auto', 'gram' or 'chunked', got {method!r}")
@@ -43,6 +46,12 @@ def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size
                             f"{type(chunk_size).__name__}")
         if chunk_size < 1:
             raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
+    if guard_budget is not None:
+        if isinstance(guard_budget, bool) or not isinstance(guard_budget, int):
+            raise TypeError(f"{_OP}: guard_budget must be an int or None, got "
+                            f"{type(guard_budget).__name__}")
+        if guard_budget < 1:
+            raise ValueError(f"{_OP}: guard_budget must be >= 1, got {guard_budget}")
 
 
 def _check_follows_features(name: str, t: Tensor, features: Tensor,
@@ -127,6 +136,17 @@ def default_chunk_size(K: int) -> int:
     return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(K, 1))
 
 
+def guard_budget_for(guard_budget: int | None, N: int, device: torch.device) -> int | None:
+    """The most rows the gram path's guard recomputes in a call of N rows: ``guard_budget``
+    (at most N); by default (None) max(64, N // 8), or no limit (None) on the CPU, where reading
+    the flags on the host costs nothing."""
+    if guard_budget is None:
+        if device.type == "cpu":
+            return None
+        guard_budget = max(MIN_GUARD_BUDGET, N // GUARD_BUDGET_FRACTION)
+    return min(guard_budget, N)
+
+
 # ------------------------------------------------------------------- mixed-precision products
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) on CUDA
@@ -195,7 +215,39 @@ def _guard(loss: Tensor, sq_norm: Tensor, size: Tensor, valid: Tensor,
     return valid & ((sq_norm.abs() + size) > GUARD_RATIO[dtype] * loss)
 
 
-def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
+def _within_budget(flagged: Tensor, budget: int | None) -> Tensor:
+    """The rows recomputed of those the guard flagged: all (no budget), or the first ``budget``,
+    the number flagged checked against it by an op (raised at once on CPU; on CUDA recorded on
+    the device and raised by the next ncfast call or check_errors(): no host sync)."""
+    N = flagged.shape[0]
+    if budget is None or budget >= N:
+        return flagged
+    ranks = flagged.cumsum(0)
+    _ops.check_guard_budget(ranks[-1], budget)
+    return flagged & (ranks <= budget)
+
+
+def _recomputed_rows(exact: Tensor, budget: int | None) -> Tensor:
+    """Indices of the rows in ``exact``: as many as there are (a host sync on CUDA) with no
+    budget; else a fixed ``budget`` of them, padded with N (no sync)."""
+    if budget is None:
+        return exact.nonzero().flatten()
+    return torch.nonzero_static(exact, size=budget, fill_value=exact.shape[0]).flatten()
+
+
+def _row_chunks(rows: Tensor, target: Tensor, ignore_index: int, chunk: int):
+    """(r, t) per chunk of ``rows``: indices safe to gather with (padding N -> N - 1) and their
+    labels, ignore_index on the padding, so that a padding slot's loss and gradient are 0 (and
+    the chunk is added into the outputs with index_put_(accumulate=True))."""
+    N = target.shape[0]
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk]
+        padding = r >= N
+        r = r.clamp(max=N - 1)
+        yield r, target.index_select(0, r).long().masked_fill(padding, ignore_index)
+
+
+def _gram_forward(X, W, b, target, k, M, ignore_index, chunk, budget):
     N, K = X.shape[0], W.shape[0]
     acc = loss_dtype(X.dtype)
     counted, safe = _target_rows(target, K, ignore_index)
@@ -218,25 +270,24 @@ def _gram_forward(X, W, b, target, k, M, ignore_index, chunk):
         zy += b_acc.index_select(0, safe)
     value, size = _target_terms(zy, counted, k, M)
     loss = sq_norm + value
-    exact = _guard(loss, sq_norm, size, counted, X.dtype)
+    exact = _within_budget(_guard(loss, sq_norm, size, counted, X.dtype), budget)
     loss = torch.where(counted & ~exact, loss, 0)
-    rows = exact.nonzero().flatten()  # one host sync on CUDA
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start:start + chunk]
+    rows = _recomputed_rows(exact, budget)
+    for r, t in _row_chunks(rows, target, ignore_index, chunk):
         z = F.linear(X.index_select(0, r), W, b)
-        loss[r] = _ops.rescaled_mse(z, target.index_select(0, r), k, M, ignore_index)
+        loss.index_put_((r,), _ops.rescaled_mse(z, t, k, M, ignore_index), accumulate=True)
     return loss, saved, exact, rows
 
 
-def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, needs,
+def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, budget, needs,
                    exact_rows=None):
     """Gradients of sum_i g_i loss_i without logits (theory.md 2.4, fused linear head): with
     gp_i = 2 g_i on counted rows and u_i = (α-1) z_iy - αM,
         grad_X = gp ⊙ (X G + 1 (W^T b)^T + u ⊙ W[y])
         grad_W = W (X^T diag(gp) X) + b (X^T gp)^T + scatter_y(gp u x)
         grad_b = W (X^T gp) + b sum(gp) + scatter_y(gp u).
-    Rows flagged by the forward's guard go through their logits instead (`exact_rows`, their
-    indices, when the forward's list was kept; else read from `exact`)."""
+    Rows the forward recomputed (`exact`) go through their logits instead (`exact_rows`, their
+    indices, when the forward's list was kept; else read from `exact` with the same budget)."""
     N, K = X.shape[0], W.shape[0]
     acc = saved.dtype
     need_x, need_w, need_b = needs
@@ -285,14 +336,13 @@ def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, 
         grad_b = _weight_vec(W, v) + b_acc * gp.sum()
         grad_b.index_put_((safe,), c, accumulate=True)
 
-    rows = exact.nonzero().flatten() if exact_rows is None else exact_rows  # a sync on CUDA
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start:start + chunk]
+    rows = _recomputed_rows(exact, budget) if exact_rows is None else exact_rows
+    for r, t in _row_chunks(rows, target, ignore_index, chunk):
         xr = X.index_select(0, r)
-        gz = _ops.rescaled_mse_backward(g.index_select(0, r), F.linear(xr, W, b),
-                                        target.index_select(0, r), k, M, ignore_index)
-        if need_x:
-            grad_x.index_copy_(0, r, (gz @ W).to(acc))
+        gz = _ops.rescaled_mse_backward(g.index_select(0, r), F.linear(xr, W, b), t, k, M,
+                                        ignore_index)
+        if need_x:  # onto zeros: gp is 0 on these rows
+            grad_x.index_put_((r,), (gz @ W).to(acc), accumulate=True)
         if need_w:
             grad_w.addmm_(gz.T, xr)
         if need_b:
@@ -339,14 +389,16 @@ def _chunked_backward(g, X, W, b, target, k, M, ignore_index, chunk, needs):
 
 def _forward(features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, k: float,
              M: float, ignore_index: int, method: str, chunk_size: int,
-             ) -> tuple[Tensor, Tensor, Tensor]:
+             guard_budget: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sample unnormalised loss of z = features W^T + bias (0 on rows that do not count), in
     the accumulate dtype; also, for the backward, X W^T W + 2 (W^T bias) rows with W^T bias
     appended ((N + 1, d)), the mask of the rows the guard recomputed from their logits and their
-    indices (all empty for method "chunked")."""
+    indices (padded with N to the budget if there is one; all empty for method "chunked")."""
     _check_labels(target, weight.shape[0], ignore_index)
     if method == "gram":
-        return _gram_forward(features, weight, bias, target, k, M, ignore_index, chunk_size)
+        budget = guard_budget_for(guard_budget, features.shape[0], features.device)
+        return _gram_forward(features, weight, bias, target, k, M, ignore_index, chunk_size,
+                             budget)
     loss = _chunked_forward(features, weight, bias, target, k, M, ignore_index, chunk_size)
     acc = loss.dtype
     return (loss, features.new_empty(0, 0, dtype=acc), features.new_empty(0, dtype=torch.bool),
@@ -354,15 +406,16 @@ def _forward(features: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
 
 
 def _backward_first_order(grad, features, weight, bias, target, saved, exact, k, M,
-                          ignore_index, method, chunk_size, need_features, need_weight,
-                          need_bias, exact_rows=None
+                          ignore_index, method, chunk_size, guard_budget, need_features,
+                          need_weight, need_bias, exact_rows=None
                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """First-order gradients (features, weight, bias) of sum_i grad_i loss_i (None where not
     asked for)."""
     needs = (need_features, need_weight, need_bias and bias is not None)
     if method == "gram":
+        budget = guard_budget_for(guard_budget, features.shape[0], features.device)
         return _gram_backward(grad, features, weight, bias, target, saved, exact, k, M,
-                              ignore_index, chunk_size, needs, exact_rows)
+                              ignore_index, chunk_size, budget, needs, exact_rows)
     return _chunked_backward(grad, features, weight, bias, target, k, M, ignore_index,
                              chunk_size, needs)
 
@@ -374,16 +427,17 @@ def _backward_first_order(grad, features, weight, bias, target, saved, exact, k,
 @torch.library.custom_op("ncfast::linear_rescaled_mse", mutates_args=())
 def linear_rescaled_mse_op(
     features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, k: float,
-    M: float, ignore_index: int, method: str, chunk_size: int,
+    M: float, ignore_index: int, method: str, chunk_size: int, guard_budget: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """See _forward (the row indices left out: their number depends on the data)."""
+    """See _forward (the row indices left out: the backward reads them from the mask)."""
     check_linear_args(features, weight, bias, target)
-    return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk_size)[:3]
+    return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk_size,
+                    guard_budget)[:3]
 
 
 @linear_rescaled_mse_op.register_fake
 def _linear_rescaled_mse_fake(features, weight, bias, target, k, M, ignore_index, method,
-                              chunk_size):
+                              chunk_size, guard_budget=None):
     check_linear_args(features, weight, bias, target)
     acc = loss_dtype(features.dtype)
     N, d = features.shape
@@ -398,20 +452,21 @@ def linear_rescaled_mse_backward_op(
     grad: Tensor, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     saved: Tensor, exact: Tensor, k: float, M: float, ignore_index: int, method: str,
     chunk_size: int, need_features: bool, need_weight: bool, need_bias: bool,
+    guard_budget: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """_backward_first_order, an output not asked for as an empty tensor. It has no autograd of
     its own: the forward op's autograd calls it only when no graph is being built, and
     differentiates a plain-torch form of the loss otherwise (double backward)."""
     out = _backward_first_order(grad, features, weight, bias, target, saved, exact, k, M,
-                                ignore_index, method, chunk_size, need_features, need_weight,
-                                need_bias)
+                                ignore_index, method, chunk_size, guard_budget, need_features,
+                                need_weight, need_bias)
     return tuple(t if t is not None else features.new_empty(0) for t in out)
 
 
 @linear_rescaled_mse_backward_op.register_fake
 def _linear_rescaled_mse_backward_fake(grad, features, weight, bias, target, saved, exact, k, M,
                                        ignore_index, method, chunk_size, need_features,
-                                       need_weight, need_bias):
+                                       need_weight, need_bias, guard_budget=None):
     check_linear_args(features, weight, bias, target)
     empty = features.new_empty(0)
     return (torch.empty_like(features) if need_features else empty,
@@ -459,8 +514,14 @@ def _per_sample_math(X, W, b, target, k, M, ignore_index, method, chunk, exact=N
 
 # ---------------------------------------------------------------------------- autograd wiring
 
+# Non-tensor inputs after the three differentiable ones: target, k, M, ignore_index, method,
+# chunk_size, guard_budget (no gradient).
+_NO_GRADS = (None,) * 7
+
+
 def _setup_context(ctx, inputs, output):
-    features, weight, bias, target, ctx.k, ctx.M, ctx.ignore_index, ctx.method, ctx.chunk = inputs
+    (features, weight, bias, target, ctx.k, ctx.M, ctx.ignore_index, ctx.method, ctx.chunk,
+     ctx.guard_budget) = inputs
     _, saved, exact = output
     ctx.mark_non_differentiable(saved, exact)
     ctx.save_for_backward(features, weight, bias, target, saved, exact)
@@ -475,11 +536,12 @@ def _backward(ctx, grad, _grad_saved, _grad_exact, through_op=True):
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         if not through_op:
             grads = _backward_first_order(grad, features, weight, bias, target, saved, exact,
-                                          *args, *needs, exact_rows=ctx.exact_rows)
-            return (*grads, *(None,) * 6)
+                                          *args, ctx.guard_budget, *needs,
+                                          exact_rows=ctx.exact_rows)
+            return (*grads, *_NO_GRADS)
         grads = _ops.linear_rescaled_mse_backward(grad, features, weight, bias, target, saved,
-                                                  exact, *args, *needs)
-        return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 6)
+                                                  exact, *args, *needs, ctx.guard_budget)
+        return (*(g if need else None for g, need in zip(grads, needs)), *_NO_GRADS)
     # A graph is being built (double backward): differentiate the plain-torch form, evaluated on
     # the saved inputs themselves so its gradients stay connected to theirs.
     wrt = [t for t, need in zip((features, weight, bias), needs) if need]
@@ -490,7 +552,7 @@ def _backward(ctx, grad, _grad_saved, _grad_exact, through_op=True):
     grads = [next(found) if need else None for need in needs]
     grads = [torch.zeros_like(t) if need and g is None else g
              for t, g, need in zip((features, weight, bias), grads, needs)]
-    return (*grads, *(None,) * 6)
+    return (*grads, *_NO_GRADS)
 
 
 torch.library.register_autograd("ncfast::linear_rescaled_mse", _backward,
@@ -499,12 +561,12 @@ torch.library.register_autograd("ncfast::linear_rescaled_mse", _backward,
 
 class _LinearLoss(torch.autograd.Function):
     """The eager path: the op's implementation and the same autograd formulas, without the
-    custom op's wrapper; the backward reuses the forward's list of recomputed rows (one host
-    sync per step on CUDA for the gram path, not two)."""
+    custom op's wrapper; the backward reuses the forward's list of recomputed rows."""
 
     @staticmethod
-    def forward(features, weight, bias, target, k, M, ignore_index, method, chunk):
-        return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk)
+    def forward(features, weight, bias, target, k, M, ignore_index, method, chunk, guard_budget):
+        return _forward(features, weight, bias, target, k, M, ignore_index, method, chunk,
+                        guard_budget)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -531,6 +593,7 @@ def linear_rescaled_mse_loss(
     ignore_index: int = -100,
     method: str = "auto",
     chunk_size: int | None = None,
+    guard_budget: int | None = None,
 ) -> Tensor:
     r"""Rescaled square loss of the linear head z = features W^T + bias, without the (N, K)
     logits: equal, to rounding, to
@@ -559,8 +622,14 @@ def linear_rescaled_mse_loss(
             * ``"auto"``: ``"gram"`` when d (N + K) < N K (then it needs less than half the
               flops of the logits path; roughly K > d and N > d), else ``"chunked"``. The rule
               depends on the shape only (:func:`ncfast.linear_loss.select_method`).
-        chunk_size: rows per chunk of logits (chunked method, and the gram path's fallback
+        chunk_size: rows per chunk of logits (chunked method, and the gram path's recomputed
             rows); default max(1024, 2^24 // K).
+        guard_budget: the most rows per call that the gram method's guard (below) recomputes
+            from their logits. An int (>= 1) gives every device the same sync-free path: the
+            first ``guard_budget`` flagged rows (in row order) are recomputed, at the fixed cost
+            of ``guard_budget`` rows of logits whatever their number; more flagged rows than
+            that is an error (below). Default (None): max(64, N // 8) off the CPU; no limit
+            on the CPU, where the flagged rows are found on the host at no cost.
 
     Precision. Both methods accumulate in float32 (float64 for float64 inputs); bf16/fp16 products
     run with float32 accumulation, and the Gram path keeps G, x^T G x and the gradients' float32
@@ -572,6 +641,17 @@ def linear_rescaled_mse_loss(
     2^-18, 2^-13 of its loss. In a collapsed fp32 training run many rows fall back and the Gram
     path then costs more than ``"chunked"``; "auto" cannot see this in advance.
 
+    Guard budget. When the guard flags more rows than ``guard_budget``, the rows beyond it keep
+    the Gram form's rounding, and a ``ValueError`` names the number flagged, the budget and the
+    fixes (a larger ``guard_budget``, or ``method="chunked"``), so no row is ever silently
+    inaccurate. A CPU call raises it at once, before any gradient exists. On CUDA the count is
+    compared on the device and the error is raised, like a bad label, by the first ncfast loss
+    call (this call's backward included) that starts after the forward has finished on the
+    device, or by :func:`ncfast.check_errors`, which waits for it; the rows' numbers are never
+    read on the host. Under torch.func transforms the guard has no budget (it recomputes every
+    flagged row, reading their number on the host), and double backward reads the rows the
+    forward recomputed on the host.
+
     Returns the loss in the dtype of ``features`` (shape () or (N,)); empty or all-ignored
     batches give NaN for ``"mean"``. Gradients flow to features, weight and bias; the backward is
     differentiable (double backward, and torch.func ``grad``, ``jvp``, ``vjp`` of ``grad``, i.e.
@@ -579,19 +659,18 @@ def linear_rescaled_mse_loss(
     training steps. Not supported: ``vmap`` (hence ``torch.func.hessian``), and double backward
     through a compiled function.
 
-    Host synchronisation on CUDA: labels are checked on the device, as in the plain loss (see
-    :func:`ncfast.check_errors`), so the chunked method never waits for the host; the gram
-    path's guard still reads its list of rows to recompute: once per forward (its backward
-    reuses the list, except through torch.compile, where the backward reads it again).
+    Host synchronisation on CUDA: none, with the default budget (or any int): labels are checked
+    on the device, as in the plain loss (see :func:`ncfast.check_errors`), and the guard picks
+    its rows on the device (``torch.nonzero_static``) and checks its budget there.
     """
-    _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index)
+    _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index, guard_budget)
     check_linear_args(features, weight, bias, target)
     N, d = features.shape
     K = weight.shape[0]
     if method == "auto":
         method = select_method(N, K, d)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(K)
-    args = (float(k), float(M), int(ignore_index), method, chunk)
+    args = (float(k), float(M), int(ignore_index), method, chunk, guard_budget)
 
     if torch.compiler.is_compiling():
         per_sample = _ops.linear_rescaled_mse(features, weight, bias, target, *args)[0]
@@ -599,7 +678,7 @@ def linear_rescaled_mse_loss(
         per_sample = _LinearLoss.apply(features, weight, bias, target, *args)[0]
     else:  # torch.func transforms, forward-mode AD
         _check_labels(target, K, int(ignore_index))
-        per_sample = _per_sample_math(features, weight, bias, target, *args)
+        per_sample = _per_sample_math(features, weight, bias, target, *args[:-1])
     if normalize == "element":
         per_sample = per_sample / K
     if reduction == "none":
@@ -627,20 +706,22 @@ class LinearRescaledMSELoss(nn.Module):
         ignore_index: int = -100,
         method: str = "auto",
         chunk_size: int | None = None,
+        guard_budget: int | None = None,
     ) -> None:
         super().__init__()
-        _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index)
+        _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index,
+                       guard_budget)
         self.k, self.M = float(k), float(M)
         self.normalize, self.reduction = normalize, reduction
         self.ignore_index = int(ignore_index)
-        self.method, self.chunk_size = method, chunk_size
+        self.method, self.chunk_size, self.guard_budget = method, chunk_size, guard_budget
 
     def forward(self, features: Tensor, weight: Tensor, target: Tensor,
                 bias: Tensor | None = None) -> Tensor:
         return linear_rescaled_mse_loss(
             features, weight, target, bias, k=self.k, M=self.M, normalize=self.normalize,
             reduction=self.reduction, ignore_index=self.ignore_index, method=self.method,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, guard_budget=self.guard_budget,
         )
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ncfast
-from ncfast.linear_loss import GUARD_RATIO, select_method
+from ncfast.linear_loss import GUARD_RATIO, guard_budget_for, select_method
 
 METHODS = ["gram", "chunked"]
 OPTIONS = {
@@ -161,18 +161,23 @@ def test_no_logits_buffer(method):
 
 # ---- the cancellation guard
 
-def collapsed_case(device, dtype, n_collapsed, N=48, d=32, K=20, M=3.0, noise=1e-5, seed=0):
-    """Orthonormal classifier rows and features at M w_y + noise: logits M e_y + O(noise), so
-    the loss is ~1e-10 of the terms the Gram identity subtracts. Rows from n_collapsed on are
-    ordinary random features."""
+def collapsed_case(device, dtype, n_collapsed, N=48, d=32, K=20, M=3.0, noise=1e-5, seed=0,
+                   bias=False):
+    """Orthonormal classifier rows and features at (M e_y - b) W + noise: logits M e_y + O(noise),
+    so the loss is ~1e-10 of the terms the Gram identity subtracts. Rows from n_collapsed on are
+    ordinary random features. Returns X, W, y, M, and the bias b when asked for."""
     gen = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(d, K, generator=gen, dtype=torch.float64))
     W = Q.T  # (K, d), orthonormal rows
     y = torch.randint(0, K, (N,), generator=gen)
-    X = M * W[y] + noise * torch.randn(N, d, generator=gen, dtype=torch.float64)
+    b = (torch.randn(K, generator=gen, dtype=torch.float64) if bias
+         else torch.zeros(K, dtype=torch.float64))
+    X = (M * F.one_hot(y, K).double() - b) @ W + noise * torch.randn(N, d, generator=gen,
+                                                           dtype=torch.float64)
     X[n_collapsed:] = torch.randn(N - n_collapsed, d, generator=gen, dtype=torch.float64)
     cast = dict(device=device, dtype=dtype)
-    return X.to(**cast), W.to(**cast), y.to(device), M
+    out = X.to(**cast), W.to(**cast), y.to(device), M
+    return (*out, b.to(**cast)) if bias else out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -201,6 +206,84 @@ def test_guard_recomputes_collapsed_rows(device, dtype):
             assert err <= 2 * (ref.double() - truth_).abs().max() + 8 * 2.0**-24 * scale
         else:
             assert err <= 1e-12 * scale
+
+
+def budget_message(flagged, budget):
+    return (f"{P}the gram method's cancellation guard flagged {flagged} rows for an exact "
+            f"recompute, more than guard_budget={budget}; the rows beyond it kept the Gram "
+            "form's rounding. Pass a larger guard_budget (at most the batch size) or "
+            "method='chunked'")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("budget", [30, 41, None],
+                         ids=["budget-all-flagged", "budget-padded", "no-budget"])
+def test_guard_budget_path_matches_composition(device, budget, bias):
+    # guard_budget=int runs the sync-free path on any device (CUDA's default): the first
+    # `budget` flagged rows picked on the device, padded slots contributing nothing.
+    case = collapsed_case(device, torch.float64, n_collapsed=30, bias=bias)
+    X, W, y, M = case[:4]
+    b = case[4] if bias else None
+    _, _, exact = torch.ops.ncfast.linear_rescaled_mse(X, W, b, y, 2.0, M, -100, "gram", 7,
+                                                       budget)
+    assert exact[:30].all() and not exact[30:].any()
+    kwargs = dict(k=2.0, M=M, reduction="none")
+    out, grads = loss_and_grads(ncfast.linear_rescaled_mse_loss, X, W, b, y,
+                                dict(kwargs, method="gram", chunk_size=7, guard_budget=budget))
+    ref, ref_grads = loss_and_grads(composition, X, W, b, y, kwargs)
+    # Recomputed rows (loss ~2e-10) within 1e-8 of their loss: unguarded they would be off by
+    # ~1e-5 of it.
+    assert ((out - ref).abs() <= 1e-8 * ref.abs()).all()
+    for ours, theirs in zip(grads, ref_grads):
+        assert_close(ours, theirs, rtol=0, atol=1e-12 * theirs.abs().max().item())
+
+
+def test_guard_budget_exceeded_raises_on_cpu():
+    X, W, y, M = collapsed_case("cpu", torch.float64, n_collapsed=30)
+    X.requires_grad_()
+    with pytest.raises(ValueError) as info:
+        ncfast.linear_rescaled_mse_loss(X, W, y, M=M, method="gram", guard_budget=29)
+    assert str(info.value) == budget_message(30, 29)
+    # a budget of the batch size always suffices
+    ncfast.linear_rescaled_mse_loss(X, W, y, M=M, method="gram", guard_budget=48).backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_through_the_guard_budget(reduction):
+    # 3 flagged rows, a budget of 4 (one padding slot) in chunks of 2, an ignored row.
+    X, W, y, M = collapsed_case("cpu", torch.float64, n_collapsed=3, N=7, d=6, K=4)
+    y[5] = -100
+    inputs = (X.requires_grad_(), W.requires_grad_())
+
+    def fn(X, W):
+        return ncfast.linear_rescaled_mse_loss(X, W, y, k=2.0, M=M, method="gram",
+                                               chunk_size=2, guard_budget=4,
+                                               reduction=reduction)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_guard_budget_default():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert guard_budget_for(None, 1000, cuda) == 125  # N // 8
+    assert guard_budget_for(None, 100, cuda) == 64  # at least 64
+    assert guard_budget_for(None, 10, cuda) == 10  # at most N
+    assert guard_budget_for(None, 10**6, cpu) is None  # no limit on the CPU
+    assert guard_budget_for(5, 3, cpu) == 3
+
+
+@pytest.mark.parametrize("count,budget,exc,rule", [
+    (torch.tensor([3]), 2, ValueError, "count must be 0-D, got 1-D tensor of shape [1]"),
+    (torch.tensor(3, dtype=torch.int32), 2, TypeError,
+     "count must be torch.int64, got torch.int32"),
+    (torch.tensor(3), -1, ValueError, "budget must be >= 0, got -1"),
+], ids=["not-0d", "int32", "negative-budget"])
+def test_check_guard_budget_argument_errors(count, budget, exc, rule):
+    for device in ("cpu", "meta"):  # the fake says the same
+        with pytest.raises(exc) as info:
+            torch.ops.ncfast.check_guard_budget(count.to(device), budget)
+        assert str(info.value) == "ncfast.check_guard_budget: " + rule
 
 
 def test_guard_threshold_is_the_documented_ratio():
@@ -265,13 +348,15 @@ def test_func_grad_and_hvp_match_composition(device, method):
     assert_close(torch.autograd.grad(g, leaves, tangents), hvp)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_torch_compile_fullgraph(device, method):
+@pytest.mark.parametrize("method,budget", [("gram", None), ("gram", 12), ("chunked", None)],
+                         ids=["gram", "gram-budget", "chunked"])
+def test_torch_compile_fullgraph(device, method, budget):
     X, W, b, y, kwargs = make_case((32, 6, 40), torch.float32, device, OPTIONS["ignore"])
 
     def step(X, W, y, b):
         return ncfast.linear_rescaled_mse_loss(X, W, y, b, M=1.5, normalize="element",
-                                               method=method, chunk_size=8, **kwargs)
+                                               method=method, chunk_size=8,
+                                               guard_budget=budget, **kwargs)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert_close(loss_and_grads(lambda *a: compiled(*a), X, W, b, y, {}),
@@ -279,18 +364,20 @@ def test_torch_compile_fullgraph(device, method):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("method", METHODS)
-def test_opcheck(device, method, bias):
+@pytest.mark.parametrize("method,budget", [("gram", None), ("gram", 4), ("chunked", None)],
+                         ids=["gram", "gram-budget", "chunked"])
+def test_opcheck(device, method, budget, bias):
     X, W, b, y, _ = make_case((12, 5, 9), torch.float32, device, OPTIONS["ignore"], bias=bias)
     leaves = [t.requires_grad_() if t is not None else None for t in (X, W, b)]
     torch.library.opcheck(torch.ops.ncfast.linear_rescaled_mse.default,
-                          (*leaves, y, 2.0, 1.5, -100, method, 5))
-    _, gram, exact = torch.ops.ncfast.linear_rescaled_mse(X, W, b, y, 2.0, 1.5, -100, method, 5)
+                          (*leaves, y, 2.0, 1.5, -100, method, 5, budget))
+    _, gram, exact = torch.ops.ncfast.linear_rescaled_mse(X, W, b, y, 2.0, 1.5, -100, method, 5,
+                                                          budget)
     grad = torch.randn(12, device=device)
     plain = [t.detach() if t is not None else None for t in (X, W, b)]
     torch.library.opcheck(torch.ops.ncfast.linear_rescaled_mse_backward.default,
                           (grad, *plain, y, gram, exact, 2.0, 1.5, -100, method, 5, True, True,
-                           bias))
+                           bias, budget))
 
 
 def test_frozen_classifier_gets_no_weight_gradient(device):
@@ -388,6 +475,10 @@ ERRORS = {
                "method must be 'auto', 'gram' or 'chunked', got 'logits'"),
     "chunk-size": (_x(2, 3), _x(5, 3), _y(0, 1), dict(chunk_size=0), ValueError,
                    "chunk_size must be >= 1, got 0"),
+    "guard-budget-zero": (_x(2, 3), _x(5, 3), _y(0, 1), dict(guard_budget=0), ValueError,
+                          "guard_budget must be >= 1, got 0"),
+    "guard-budget-float": (_x(2, 3), _x(5, 3), _y(0, 1), dict(guard_budget=8.0), TypeError,
+                           "guard_budget must be an int or None, got float"),
 }
 
 
@@ -452,13 +543,40 @@ def test_cuda_label_error_is_deferred():
         with ncfast.cuda_target_checks(False):
             per = ncfast.linear_rescaled_mse_loss(X, W, y, method=method, reduction="none")
         assert per[2].item() == 0  # the bad row counts nowhere
-        # Raised by check_errors at the latest (the gram path's guard syncs, so a later op of
-        # the same call may raise it).
+        # Raised by check_errors at the latest (a later op of the same call may raise it, if the
+        # device has finished the check by then).
         with pytest.raises(ValueError) as info:
             ncfast.linear_rescaled_mse_loss(X, W, y, method=method)
             ncfast.check_errors()
         assert str(info.value) == ("ncfast.linear_rescaled_mse_loss: target values must be in "
                                    "[0, 5) or ignore_index=-100, got 9")
+
+
+@pytest.mark.cuda
+def test_cuda_guard_budget_error_is_deferred():
+    # The count is compared on the device and raised like a bad label: by check_errors at the
+    # latest, or by the next ncfast call once the device has finished; recorded whatever
+    # set_cuda_target_checks says.
+    X, W, y, M = collapsed_case("cuda", torch.float32, n_collapsed=30)
+    ncfast.check_errors()  # nothing pending
+    for checks in (True, False):
+        with ncfast.cuda_target_checks(checks), pytest.raises(ValueError) as info:
+            ncfast.linear_rescaled_mse_loss(X, W, y, M=M, method="gram", guard_budget=20)
+            ncfast.check_errors()
+        assert str(info.value) == budget_message(30, 20)
+    ncfast.linear_rescaled_mse_loss(X, W, y, M=M, method="gram", guard_budget=20)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError) as info:
+        ncfast.rescaled_mse_loss(F.linear(X, W), y)  # the next ncfast call
+    assert str(info.value) == budget_message(30, 20)
+    ncfast.check_errors()  # raised once
+    # within the budget: nothing is raised, and the rows match the float64 composition
+    out = ncfast.linear_rescaled_mse_loss(X, W, y, M=M, method="gram", guard_budget=30,
+                                          reduction="none")
+    ncfast.check_errors()
+    truth = composition(X.double(), W.double(), y, None, M=M, reduction="none")
+    low = composition(X, W, y, None, M=M, reduction="none")
+    assert (out.double() - truth).abs().max() <= 2 * (low.double() - truth).abs().max()
 
 
 def test_first_call_imports_no_dynamo():

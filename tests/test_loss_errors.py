@@ -236,18 +236,34 @@ def test_cuda_target_checks_can_be_turned_off():
 
 @pytest.mark.cuda
 def test_default_cuda_path_never_syncs():
-    # Issue 13: the default loss and the linear loss's chunked method, forward and backward,
-    # with the label checks on, under torch's sync debug mode (a host sync raises).
+    # Issue 13: the default loss and the linear loss (its default, the gram method here, with
+    # its guard recomputing rows, and the chunked method), forward and backward, with the label
+    # checks on, under torch's sync debug mode (a host sync raises).
+    from ncfast.linear_loss import select_method
     logits = torch.randn(64, 10, device="cuda", requires_grad=True)
     target = torch.randint(0, 10, (64,), device="cuda")
     features = torch.randn(64, 8, device="cuda", requires_grad=True)
     weight = torch.randn(10, 8, device="cuda", requires_grad=True)
+    bias = torch.randn(10, device="cuda", requires_grad=True)
+    assert select_method(64, 10, 8) == "gram"  # what method="auto" runs at this shape
+    # Half the rows collapsed onto M e_y (orthonormal classifier rows): the guard flags them.
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0][:5]  # 5 orthonormal rows
+    y5 = torch.randint(0, 5, (64,), generator=gen)
+    X5 = 3.0 * Q[y5] + 1e-5 * torch.randn(64, 8, generator=gen)
+    X5[32:] = torch.randn(32, 8, generator=gen)
+    X5, Q, y5 = (t.cuda() for t in (X5, Q, y5))
+    X5.requires_grad_()
     for _ in range(2):  # the first call allocates the error slots
         torch.cuda.set_sync_debug_mode("error")
         try:
             ncfast.rescaled_mse_loss(logits, target, k=2.0).backward()
             ncfast.rescaled_mse_loss(logits, target, normalize="element",
                                      reduction="sum").backward()
+            ncfast.linear_rescaled_mse_loss(features, weight, target, bias=bias,
+                                            k=2.0).backward()
+            ncfast.linear_rescaled_mse_loss(X5, Q, y5, M=3.0, method="gram",
+                                            guard_budget=40).backward()
             ncfast.linear_rescaled_mse_loss(features, weight, target, method="chunked",
                                             k=2.0).backward()
         finally:

@@ -246,6 +246,13 @@ void check_labels_cpu(const at::Tensor& target, int64_t num_classes, int64_t ign
                       label_error_op_code(std::string_view(op.data(), op.size())));
 }
 
+void check_guard_budget_cpu(const at::Tensor& count, int64_t budget) {
+  raise_pending_label_errors();
+  check_guard_budget_args(count, budget);
+  const int64_t flagged = count.item<int64_t>();
+  if (flagged > budget) raise_guard_budget_error(flagged, budget);
+}
+
 }  // namespace
 }  // namespace ncfast
 
@@ -255,4 +262,5 @@ TORCH_LIBRARY_IMPL(ncfast, CPU, m) {
   m.impl("rescaled_mse_reduced", &ncfast::rescaled_mse_reduced_cpu);
   m.impl("rescaled_mse_reduced_backward", &ncfast::rescaled_mse_reduced_backward_cpu);
   m.impl("check_labels", &ncfast::check_labels_cpu);
+  m.impl("check_guard_budget", &ncfast::check_guard_budget_cpu);
 }

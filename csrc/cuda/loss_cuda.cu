@@ -93,8 +93,10 @@ void rearm(int device) {
                                  c10::cuda::getCurrentCUDAStream(device)));
 }
 
-LabelCheck label_check(const at::Tensor& target, int32_t op = 0) {
-  if (!cuda_target_checks_enabled()) {
+// `always`: record even with set_cuda_target_checks(false) (the guard budget, which no
+// setting turns off).
+LabelCheck label_check(const at::Tensor& target, int32_t op = 0, bool always = false) {
+  if (!always && !cuda_target_checks_enabled()) {
     return {nullptr, nullptr, op};
   }
   LabelErrorState& st = label_state();
@@ -281,6 +283,14 @@ __global__ void check_labels_kernel(const index_t* __restrict__ y, int64_t B, in
   }
 }
 
+// One thread: the guard flagged *count rows; more than budget is recorded (value = count,
+// num_classes = budget).
+__global__ void check_guard_budget_kernel(const int64_t* __restrict__ count, int64_t budget,
+                                          LabelCheck check) {
+  const int64_t flagged = *count;
+  if (flagged > budget) record_bad_label(check, flagged, budget, 0);
+}
+
 // ---- launchers
 
 // 16-byte packs when every row starts on a 16-byte boundary, else one element at a time.
@@ -462,6 +472,16 @@ void check_labels_cuda(const at::Tensor& target_in, int64_t num_classes, int64_t
   });
 }
 
+void check_guard_budget_cuda(const at::Tensor& count, int64_t budget) {
+  raise_pending_label_errors();
+  check_guard_budget_args(count, budget);
+  const c10::cuda::CUDAGuard guard(count.device());
+  const LabelCheck check = label_check(count, kGuardBudgetError, /*always=*/true);
+  check_guard_budget_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      count.const_data_ptr<int64_t>(), budget, check);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace ncfast
 
@@ -471,4 +491,5 @@ TORCH_LIBRARY_IMPL(ncfast, CUDA, m) {
   m.impl("rescaled_mse_reduced", &ncfast::rescaled_mse_reduced_cuda);
   m.impl("rescaled_mse_reduced_backward", &ncfast::rescaled_mse_reduced_backward_cuda);
   m.impl("check_labels", &ncfast::check_labels_cuda);
+  m.impl("check_guard_budget", &ncfast::check_guard_budget_cuda);
 }

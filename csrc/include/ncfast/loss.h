@@ -34,18 +34,28 @@ void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t 
 // ignore_index gives that row zero loss and zero gradient and records the first such label
 // in a slot of pinned host memory. The host reads the slot without synchronising, at the
 // start of every ncfast loss op and in ncfast.check_errors(), and raises it there.
+// The same slot carries the fused linear loss's guard-budget error (op kGuardBudgetError):
+// value is then the number of rows the guard flagged, num_classes the budget.
 struct LabelErrorSlot {
   int32_t ready;  // set last, after a __threadfence_system(), by the kernel that claimed it
-  int32_t op;     // index into label_error_op
+  int32_t op;     // index into label_error_op, or kGuardBudgetError
   int64_t value;
   int64_t num_classes;
   int64_t ignore_index;
 };
+constexpr int32_t kGuardBudgetError = 2;
 constexpr int kMaxDevices = 64;
 
 // Public functions whose labels are checked (the prefix of their messages).
 std::string_view label_error_op(int32_t op);
 int32_t label_error_op_code(std::string_view name);  // throws ValueError if unknown
+
+// The gram method of the fused linear loss recomputes at most `budget` rows that its
+// cancellation guard flags; `count` (0-dim int64) rows were flagged. More than the budget is
+// an error: raised at once for a CPU count, recorded on the device (raised like a bad label,
+// whatever set_cuda_target_checks says) for a CUDA one.
+void check_guard_budget_args(const at::Tensor& count, int64_t budget);
+void raise_guard_budget_error(int64_t count, int64_t budget);  // throws ValueError
 
 // Installed by the CUDA back end on first use: the slots (one per device) and a function that
 // re-arms a device after its error was raised. Null in CPU-only processes.
