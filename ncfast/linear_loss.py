@@ -222,6 +222,9 @@ def _within_budget(flagged: Tensor, budget: int | None) -> Tensor:
     N = flagged.shape[0]
     if budget is None or budget >= N:
         return flagged
+    if not hasattr(_ops, "check_guard_budget"):
+        from . import _stale_extension_error
+        raise _stale_extension_error(["check_guard_budget"])
     ranks = flagged.cumsum(0)
     _ops.check_guard_budget(ranks[-1], budget)
     return flagged & (ranks <= budget)
