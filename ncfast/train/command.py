@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ncfast train",
         description="Train a classifier and track neural collapse (NC1-NC4) as it trains. "
-                    "Without --config: the digits default (MLP, MSE, SGD; under a minute on "
-                    "a 2-core CPU). Overrides are dotted keys, e.g. optim.lr=0.1 epochs=100.")
+                    "Without --config: the digits default (MLP with a 16-wide feature layer, "
+                    "MSE with weight decay, SGD, 300 epochs). Overrides are dotted keys, e.g. optim.lr=0.1 epochs=100.")
     parser.add_argument("--config", help="a YAML file, or a preset's name (--list-presets)")
     parser.add_argument("--resume", action="store_true",
                         help="continue runs/<name> from its last checkpoint, with the config "
