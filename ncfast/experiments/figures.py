@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..train.config import ConfigError
 from . import plotting, sweep
-from .runs import group_runs, int_list, load_run
+from .runs import Group, int_list, load_run
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,13 @@ def runs_of(figure: Figure, data: str, seeds: list[int], data_dir: str | None,
             else:
                 small = [] if data == "digits" else ["data.name=gaussian"]
                 items.append((None, [*small, *v.small, f"seed={seed}", *extra]))
-            names.append(sweep.run_name([v.label.replace(" ", "").replace(",", "_")])
-                         + f"__seed={seed}")
+            names.append(f"{_folder(v)}__seed={seed}")
     return items, names
+
+
+def _folder(v: Variant) -> str:
+    """A variant's folder name: 'fixedETF_d=10' for 'fixed ETF, d=10'."""
+    return sweep.run_name([v.label.replace(" ", "").replace(",", "_")])
 
 
 def make(name: str, out: Path, seeds: list[int], data: str = "digits",
@@ -115,14 +119,10 @@ def make(name: str, out: Path, seeds: list[int], data: str = "digits",
     if failed:
         raise RuntimeError(f"ncfast figure {name}: {len(failed)} runs failed: "
                            f"{', '.join(r.name for r in failed)} (logs in {out / 'runs'})")
-    groups = []
-    for v in figure.variants:
-        members = [load_run(out / "runs" / n) for n, (_, o) in zip(names, items)
-                   if n.startswith(sweep.run_name([v.label.replace(" ", "").replace(",", "_")])
-                                   + "__seed=")]
-        (group,) = group_runs(members)
-        group.label = v.label
-        groups.append(group)
+    # one group per variant, its seeds the band (the runs are listed variant by variant)
+    groups = [Group(v.label, [load_run(out / "runs" / n)
+                              for n in names[i * len(seeds):(i + 1) * len(seeds)]])
+              for i, v in enumerate(figure.variants)]
     where = data_dir or data
     return plotting.draw(groups, out / f"{name}.png", f"{figure.title} ({where}, seeds "
                          f"{', '.join(map(str, seeds))})", plotting.PAPER)
