@@ -541,6 +541,16 @@ def _rows(targets: object) -> int:
     return len(targets)  # type: ignore[arg-type]
 
 
+def _check_network_args(op: str, model, loss_fn, bn_mode) -> None:
+    """The arguments network_operator and network_hvp share, checked before any product."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"{op}: bn_mode must be 'eval' or 'batch', got {bn_mode!r}")
+
+
 def network_operator(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -596,12 +606,7 @@ def network_operator(
     Deterministic as far as the model's ops and the loader's order are.
     """
     op = _name("network_operator")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"{op}: bn_mode must be 'eval' or 'batch', got {bn_mode!r}")
+    _check_network_args(op, model, loss_fn, bn_mode)
     if curvature not in CURVATURES:
         raise ValueError(f"{op}: curvature must be 'hessian' or 'gauss_newton', got "
                          f"{curvature!r}")
@@ -753,12 +758,7 @@ def network_hvp(
     the model's ops are.
     """
     op = _name("network_hvp")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"{op}: bn_mode must be 'eval' or 'batch', got {bn_mode!r}")
+    _check_network_args(op, model, loss_fn, bn_mode)
     hvp = _network_operator(op, model, loss_fn, [(inputs, targets)], "hessian", params, bn_mode)
     return hvp, hvp.n, hvp.unflatten
 
