@@ -34,7 +34,7 @@ def resume(run_dir):
     return run(tiny(run_dir.parent, "epochs=3"), resume=True)
 
 
-def refused(run_dir, match, error=ckpt.CheckpointError):
+def assert_refused(run_dir, match, error=ckpt.CheckpointError):
     before = tree_bytes(run_dir)
     with pytest.raises(error, match=match):
         resume(run_dir)
@@ -75,7 +75,7 @@ def test_pickle_payload_is_refused_and_never_runs(copy, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     rewrite(copy / ckpt.CHECKPOINT, lambda r: r.__setitem__("rng", Payload()))
-    refused(copy, r"holds objects other than tensors and plain data; it was refused and "
+    assert_refused(copy, r"holds objects other than tensors and plain data; it was refused and "
                   r"nothing in it ran \(.*GLOBAL.*system")
     assert not marker.exists()
 
@@ -96,7 +96,7 @@ def test_a_flipped_bit_is_caught_and_the_previous_checkpoint_offered(copy, where
     offset = header + 30 + name_len + extra_len + entry.file_size // 2
     data[offset] ^= 0x10
     path.write_bytes(bytes(data))
-    refused(copy, r"checkpoint '.*checkpoint.pt' (is damaged: its contents do not match its "
+    assert_refused(copy, r"checkpoint '.*checkpoint.pt' (is damaged: its contents do not match its "
                   r"digest|is corrupt or unreadable).*the run folder is unchanged\. The previous "
                   r"checkpoint '.*checkpoint-previous.pt' \(epoch 1\) is intact: to resume from "
                   r"it, move it over checkpoint.pt")
@@ -108,7 +108,7 @@ def test_a_flipped_bit_is_caught_and_the_previous_checkpoint_offered(copy, where
 def test_both_checkpoints_damaged_says_so(copy):
     for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):
         (copy / name).write_bytes((copy / name).read_bytes()[:-100])
-    refused(copy, r"is corrupt or unreadable \(not the zip archive.*the previous checkpoint "
+    assert_refused(copy, r"is corrupt or unreadable \(not the zip archive.*the previous checkpoint "
                   r"'.*checkpoint-previous.pt' is damaged too")
 
 
@@ -121,7 +121,7 @@ def test_both_checkpoints_damaged_says_so(copy):
 ], ids=["no-digest", "foreign-format"])
 def test_unsigned_or_foreign_files_are_refused(copy, edit, match):
     rewrite(copy / ckpt.CHECKPOINT, edit)
-    refused(copy, match)
+    assert_refused(copy, match)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -163,13 +163,13 @@ def test_unsigned_or_foreign_files_are_refused(copy, edit, match):
         "lr-str", "lr-inf", "momentum", "momentum-buffer-shape", "gamma-str", "last-lr-nan"])
 def test_hand_made_or_partial_checkpoints_are_refused_by_name(copy, edit, match):
     rewrite(copy / ckpt.CHECKPOINT, lambda record: (edit(record), resign(record)))
-    refused(copy, match)
+    assert_refused(copy, match)
 
 
 def test_config_yaml_is_not_rewritten_before_the_load_succeeds(copy):
     (copy / ckpt.CONFIG).write_text((copy / ckpt.CONFIG).read_text() + "# my notes\n")
     rewrite(copy / ckpt.CHECKPOINT, lambda r: (r.pop("scaler"), resign(r)))
-    refused(copy, r"lacks the entry 'scaler'")
+    assert_refused(copy, r"lacks the entry 'scaler'")
     assert (copy / ckpt.CONFIG).read_text().endswith("# my notes\n")
 
 
