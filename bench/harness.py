@@ -79,7 +79,10 @@ def environment(device: str, extra: Mapping[str, str] | None = None) -> dict[str
     env["ncfast"] = ncfast.__version__
     env["ncfast build"] = ", ".join(f"{k}={v}" for k, v in ncfast.build_info().items())
     env["git revision"] = git_revision()
-    env["command"] = " ".join(getattr(sys, "orig_argv", sys.argv))
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    # The interpreter by name only: its path is the measuring machine's, not the reader's.
+    argv[0] = os.path.basename(argv[0])
+    env["command"] = " ".join(argv)
     env.update(extra or {})
     # Other processes on a small machine distort CPU timings; this makes that visible.
     env["load average at start (1/5/15 min)"] = load_average()
