@@ -496,7 +496,8 @@ class ClassStats:
         of the classes that have samples."""
         mu = self.means  # not _centred(): the variances are not needed here
         if kind == "weighted":
-            return (self._counts.double()[:, None] * mu).sum(0) / self.total.clamp(min=1).double()
+            # a matrix-vector product: one pass over the means, no (K, d) temporary
+            return (self._counts.double() @ mu) / self.total.clamp(min=1).double()
         if kind == "unweighted":
             present = self._present()
             return mu[present].mean(0)

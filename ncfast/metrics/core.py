@@ -215,7 +215,7 @@ def _weight(op: str, name: str, W: Tensor, K: int, d: int, prep: _Prepared) -> T
             f"{op}: {name} must have shape [num_classes, dim] = [{K}, {d}] to match the stats, "
             f"got shape {list(W.shape)}"
         )
-    return W.to(device=prep.means.device, dtype=_F64)[prep.idx]
+    return prep.select(W.to(device=prep.means.device, dtype=_F64))
 
 
 def _bias(op: str, name: str, b: Tensor | None, K: int, prep: _Prepared) -> Tensor | None:
@@ -227,7 +227,7 @@ def _bias(op: str, name: str, b: Tensor | None, K: int, prep: _Prepared) -> Tens
             f"{op}: {name} must have shape [num_classes] = [{K}] to match the stats, "
             f"got shape {list(b.shape)}"
         )
-    return b.to(device=prep.means.device, dtype=_F64)[prep.idx]
+    return prep.select(b.to(device=prep.means.device, dtype=_F64))
 
 
 # --- the selected, centred class means --------------------------------------------------------
@@ -243,6 +243,11 @@ class _Prepared:
     means: Tensor  # (K', d) float64
     mu_g: Tensor  # (d,) float64
     Mc: Tensor  # (d, K') float64, columns μ_k - μ_G
+    identity: bool = False  # idx is arange(K): per-class inputs are used as they are
+
+    def select(self, x: Tensor) -> Tensor:
+        """The rows of the selected classes (no copy when every class is selected in order)."""
+        return x if self.identity else x[self.idx]
 
 
 def _prepare(op: str, stats: ClassStatistics, global_mean: str, classes: Classes) -> _Prepared:
@@ -266,7 +271,7 @@ def _prepare(op: str, stats: ClassStatistics, global_mean: str, classes: Classes
         mu_g = means.mean(0)
     return _Prepared(
         K=K, d=d, idx=idx, all_classes=idx.numel() == K, counts=counts, means=means, mu_g=mu_g,
-        Mc=(means - mu_g).T,
+        Mc=(means - mu_g).T, identity=classes is None,
     )
 
 
@@ -300,7 +305,7 @@ def _variances(op: str, stats: ClassStatistics, prep: _Prepared) -> Tensor:
             f"{op}: stats.class_variances() must have shape [num_classes] = [{prep.K}], "
             f"got shape {list(v.shape)}"
         )
-    return v.to(device=prep.means.device, dtype=_F64)[prep.idx]
+    return prep.select(v.to(device=prep.means.device, dtype=_F64))
 
 
 # --- kernels on float64 tensors ---------------------------------------------------------------
@@ -564,6 +569,7 @@ def bias_norm(
             K=K, d=d, idx=torch.arange(K, device=device), all_classes=True,
             counts=counts.to(device=device, dtype=_F64), means=means.to(_F64),
             mu_g=stats.global_mean("weighted").to(device=device, dtype=_F64), Mc=None,
+            identity=True,
         )
     else:
         prep = _prepare(op, stats, global_mean, classes)

@@ -11,19 +11,24 @@ from .core import (
     _F64, Classes, ClassStatistics, _check_real, _name, _prepare, _weight)
 
 
-def _unit_rows(op: str, name: str, X: Tensor) -> Tensor:
+def _row_norms(op: str, name: str, X: Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(X, dim=1)
     zero = (norms == 0).nonzero().flatten().tolist()
     if zero:
         raise ValueError(f"{op}: {name} rows {zero} are zero; their direction is undefined")
-    return X / norms[:, None]
+    return norms
+
+
+_MEANS = "centred class means (μ_k - μ_G)"
 
 
 def _similarities(op: str, W: Tensor, Mc_rows: Tensor, cosine: bool) -> Tensor:
+    # Row dot products and norms are single passes over (K, d); dividing the dots by the norms
+    # avoids building the unit vectors (two more (K, d) tensors).
+    dots = torch.linalg.vecdot(W, Mc_rows)
     if cosine:
-        W = _unit_rows(op, "weight", W)
-        Mc_rows = _unit_rows(op, "centred class means (μ_k - μ_G)", Mc_rows)
-    return (W * Mc_rows).sum(1)
+        dots = dots / (_row_norms(op, "weight", W) * _row_norms(op, _MEANS, Mc_rows))
+    return dots
 
 
 def class_similarities(
@@ -59,10 +64,13 @@ def class_distances(
     op = _name("class_distances")
     prep = _prepare(op, stats, global_mean, classes)
     Wsel, Mc_rows = _weight(op, "W", W, prep.K, prep.d, prep), prep.Mc.T
-    if normalized:
-        Wsel = _unit_rows(op, "weight", Wsel)
-        Mc_rows = _unit_rows(op, "centred class means (μ_k - μ_G)", Mc_rows)
-    return torch.linalg.vector_norm(Wsel - Mc_rows, dim=1)
+    if not normalized:
+        return torch.linalg.vector_norm(Wsel - Mc_rows, dim=1)
+    # w/|w| - m/|m| formed directly, not as sqrt(2 - 2 cos), which cancels near collapse;
+    # one new (K, d) tensor, the second term subtracted in place.
+    diff = Wsel / _row_norms(op, "weight", Wsel)[:, None]
+    diff.addcdiv_(Mc_rows, _row_norms(op, _MEANS, Mc_rows)[:, None], value=-1.0)
+    return torch.linalg.vector_norm(diff, dim=1)
 
 
 def unc3(
@@ -108,5 +116,5 @@ def nc5(
     if torch.linalg.vector_norm(ood) == 0:
         raise ValueError(f"{op}: the OOD mean is zero{' after centring' if centred else ''}; "
                          f"its direction is undefined")
-    u = _unit_rows(op, "class means" + (" (centred)" if centred else ""), means)
-    return (u @ (ood / torch.linalg.vector_norm(ood))).abs().mean().item()
+    norms = _row_norms(op, "class means" + (" (centred)" if centred else ""), means)
+    return ((means @ ood).abs() / norms).mean().item() / torch.linalg.vector_norm(ood).item()
