@@ -13,6 +13,9 @@ from torch import Tensor
 _EPS = torch.finfo(torch.float64).eps
 KERNELS = ("distance", "log", "riesz")
 _TILE_ENTRIES = 2**24  # 128 MiB of float64 per (tile, K) block
+# Rows per step of the pair sweep, whatever the tile: the diagonal block of each step is masked
+# (boolean indexing costs far more than the kernels), so it is kept small next to the rest.
+_SWEEP_ROWS = 256
 
 
 def default_tile(K: int) -> int:
@@ -49,9 +52,10 @@ class _Moments:
                 shrink = math.exp(self.log_scale - top) if self.n else 0.0
                 self.mean, self.m2, self.log_scale = self.mean * shrink, self.m2 * shrink**2, top
             values = sign * torch.exp(values - self.log_scale)
+        values = values.reshape(-1)
         mb = values.mean()
-        m2b = ((values - mb) ** 2).sum()
-        mb, m2b = float(mb), float(m2b)
+        centred = values - mb  # torch.var_mean is several times slower on a CPU
+        mb, m2b = float(mb), float(torch.dot(centred, centred))
         n = self.n + nb
         delta = mb - self.mean
         self.mean += delta * nb / n
@@ -100,7 +104,12 @@ def pair_reductions(
     on it; the GNC2 kernels take directions from it, so pass μ_k - μ_G). ``variances`` (K,) v_k
     for CDNV at each exponent in ``exponents``; ``kernels`` a subset of KERNELS evaluated on the
     unit vectors u_k = (μ_k - μ_G)/||μ_k - μ_G||, with the Riesz exponent ``riesz_s``
-    (default d - 2)."""
+    (default d - 2).
+
+    Each tile of rows r0:r1 meets the columns in two blocks: the square diagonal block r0:r1,
+    where only its upper triangle counts, and the rest r1:K, where every entry is a pair, so
+    the large block needs no mask. Tiles are cut to at most 256 rows so the masked block stays
+    small."""
     K, d = centred.shape
     s = float(d - 2 if riesz_s is None else riesz_s)
     sq = (centred * centred).sum(1)
@@ -110,46 +119,74 @@ def pair_reductions(
         if zero:
             raise ValueError(f"{op}: classes {zero} have a mean equal to the global mean; "
                              f"their direction, and so the hyperspherical kernels, is undefined")
-    sums = {p: torch.zeros((), dtype=torch.float64, device=centred.device) for p in exponents}
+    # Without CDNV only directions matter: the Gram matrix of the unit vectors is the cosines.
+    X = centred if exponents else centred / norms[:, None]
+    sums = {p: 0.0 for p in exponents}
     moments = {name: _Moments() for name in kernels}
-    for r0 in range(0, K - 1, tile):
-        r1 = min(r0 + tile, K)
-        gram = centred[r0:r1] @ centred[r0:].T  # rows r0:r1 against columns r0:K
-        rows = torch.arange(r0, r1, device=centred.device)[:, None]
-        cols = torch.arange(r0, K, device=centred.device)[None, :]
-        pair = cols > rows  # the upper triangle: each unordered pair once
-        chunks = (slice(0, r1 - r0), slice(r1 - r0, None))  # the diagonal block, the rest
-        if exponents:
-            dist2 = (sq[r0:r1, None] + sq[None, r0:] - 2.0 * gram).clamp_min_(0.0)
-            # below the rounding of the expansion two means cannot be told apart
-            same = pair & (dist2 <= 8 * _EPS * (sq[r0:r1, None] + sq[None, r0:]))
-            if bool(same.any()):
-                k, l = same.nonzero()[0].tolist()
-                raise ValueError(f"{op}: classes {[k + r0, l + r0]} have the same mean; their "
-                                 f"CDNV is undefined")
-            spread = 0.5 * (variances[r0:r1, None] + variances[None, r0:])
-            for p in exponents:
-                ratio = spread / (dist2 if p == 1 else dist2.pow(p))
-                sums[p] += torch.where(pair, ratio, 0.0).sum()
-        if kernels:
-            cos = gram / (norms[r0:r1, None] * norms[None, r0:])
-            udist2 = (2.0 - 2.0 * cos).clamp_min_(0.0)
-            if any(name != "distance" for name in kernels):
-                same = pair & (udist2 <= 8 * _EPS)
-                if bool(same.any()):
-                    k, l = same.nonzero()[0].tolist()
-                    raise ValueError(
-                        f"{op}: classes {[k + r0, l + r0]} have centred means in the same "
-                        f"direction; the log and Riesz kernels are infinite there")
-            for name in kernels:
-                values = _kernel_values(name, udist2, s)
-                for chunk in chunks:  # the diagonal block's upper triangle, then all the rest
-                    block, mask = values[:, chunk], pair[:, chunk]
-                    moments[name].add(block[mask] if chunk.start == 0 else block.reshape(-1),
-                                      log_magnitude=name == "riesz",
-                                      sign=math.copysign(1.0, s))
+    step = min(tile, _SWEEP_ROWS)
+    for r0 in range(0, K - 1, step):
+        r1 = min(r0 + step, K)
+        for c0, c1 in ((r0, r1), (r1, K)):
+            if c1 <= c0:
+                continue
+            diagonal = c0 == r0
+            pair = (torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=X.device).triu_(1)
+                    if diagonal else None)
+            gram = X[r0:r1] @ X[c0:c1].T
+            if exponents:
+                _cdnv_block(op, gram, sq, variances, exponents, sums, pair, r0, r1, c0, c1)
+                gram.div_(norms[r0:r1, None]).div_(norms[None, c0:c1])  # now the cosines
+            if kernels:
+                _kernel_block(op, gram, kernels, s, moments, pair, r0, c0)
     pairs = K * (K - 1) / 2
     return PairResult(
-        cdnv={p: float(total) / pairs for p, total in sums.items()},
+        cdnv={p: total / pairs for p, total in sums.items()},
         kernels={name: m.result() for name, m in moments.items()},
     )
+
+
+def _first_pair(close: Tensor, r0: int, c0: int) -> list[int]:
+    k, l = close.nonzero()[0].tolist()
+    return [k + r0, l + c0]
+
+
+def _cdnv_block(op, gram, sq, variances, exponents, sums, pair, r0, r1, c0, c1) -> None:
+    """Adds sum over the block's pairs of (v_k + v_l) / (2 ||μ_k - μ_l||^(2p)) to ``sums[p]``."""
+    sq_r, sq_c = sq[r0:r1, None], sq[None, c0:c1]
+    dist2 = torch.add(sq_c, gram, alpha=-2.0).add_(sq_r).clamp_min_(0.0)
+    # Below the rounding of the expansion two means cannot be told apart. The exact test runs
+    # only where the block's smallest distance comes near that bound (always on the diagonal
+    # block, whose own diagonal is zero).
+    bound = 16 * _EPS * float(torch.maximum(sq_r.max(), sq_c.max()))
+    if pair is not None or float(dist2.min()) <= bound:
+        same = dist2 <= 8 * _EPS * (sq_r + sq_c)
+        if pair is not None:
+            same &= pair
+        if bool(same.any()):
+            raise ValueError(f"{op}: classes {_first_pair(same, r0, c0)} have the same "
+                             f"mean; their CDNV is undefined")
+    v_r, v_c = variances[r0:r1], variances[c0:c1]
+    for p in exponents:
+        inv = dist2.reciprocal() if p == 1 else dist2.pow(-p)
+        if pair is not None:
+            inv = torch.where(pair, inv, 0.0)
+        # sum_kl (v_k + v_l) inv_kl = v_r . (row sums) + (column sums) . v_c: no (v_k + v_l) grid
+        sums[p] += 0.5 * float(v_r @ inv.sum(1) + inv.sum(0) @ v_c)
+
+
+def _kernel_block(op, cos, kernels, s, moments, pair, r0, c0) -> None:
+    """Adds the block's pairs to each kernel's moments; ``cos`` is overwritten."""
+    udist2 = cos.mul_(-2.0).add_(2.0).clamp_min_(0.0)  # ||u_k - u_l||^2
+    if any(name != "distance" for name in kernels) and (
+            pair is not None or float(udist2.min()) <= 8 * _EPS):
+        same = udist2 <= 8 * _EPS
+        if pair is not None:
+            same &= pair
+        if bool(same.any()):
+            raise ValueError(
+                f"{op}: classes {_first_pair(same, r0, c0)} have centred means in the same "
+                f"direction; the log and Riesz kernels are infinite there")
+    for name in kernels:
+        values = _kernel_values(name, udist2, s)
+        moments[name].add(values[pair] if pair is not None else values.reshape(-1),
+                          log_magnitude=name == "riesz", sign=math.copysign(1.0, s))
