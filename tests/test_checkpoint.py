@@ -41,6 +41,10 @@ def assert_refused(run_dir, match, error=ckpt.CheckpointError):
     assert tree_bytes(run_dir) == before
 
 
+# A mid-epoch position as the loop writes it (the tiny run's epoch has 3 steps of 10 samples).
+WITHIN = {"step": 1, "loss_sum": 2.5, "correct": 4, "seen": 10, "seconds": 0.1}
+
+
 def rewrite(path: Path, edit) -> None:
     """Load a checkpoint's record, let ``edit`` change it, and save it back as is."""
     record = torch.load(path, weights_only=True)
@@ -158,9 +162,21 @@ def test_unsigned_or_foreign_files_are_refused(copy, edit, match):
      r"schedule gamma is 'x', the config gives 0.1"),
     (lambda r: r["scheduler"].__setitem__("_last_lr", [float("nan")]),
      r"schedule _last_lr must be a list of finite numbers, got \[nan\]"),
+    (lambda r: r.__setitem__("within_epoch", {**WITHIN, "loss_sum": "x"}),
+     r"entry 'within_epoch' must be None or a dict of step \(int\), loss_sum \(float\), "
+     r"correct \(int\), seen \(int\), seconds \(float\) with step >= 1 and counts >= 0, got "
+     r".*'loss_sum': 'x'"),
+    (lambda r: r.__setitem__("within_epoch", {**WITHIN, "step": True}),
+     r"entry 'within_epoch' must be None or a dict of .*'step': True"),
+    (lambda r: r.__setitem__("within_epoch", {**WITHIN, "seen": -5}),
+     r"entry 'within_epoch' must be None or a dict of .*'seen': -5"),
+    (lambda r: r.__setitem__("within_epoch", {**WITHIN, "step": 3}),
+     r"checkpoint '.*checkpoint.pt' stands at step 3 of an epoch, but an epoch of this data has "
+     r"3 steps; the run folder is unchanged"),
 ], ids=["no-optimizer", "no-rng", "epoch-str", "epoch-0", "empty-model", "wrong-shape",
         "schedule-elsewhere", "rng-torch", "rng-python", "config-invalid", "config-unknown",
-        "lr-str", "lr-inf", "momentum", "momentum-buffer-shape", "gamma-str", "last-lr-nan"])
+        "lr-str", "lr-inf", "momentum", "momentum-buffer-shape", "gamma-str", "last-lr-nan",
+        "within-loss-str", "within-step-bool", "within-seen-negative", "within-step-past-epoch"])
 def test_hand_made_or_partial_checkpoints_are_refused_by_name(copy, edit, match):
     rewrite(copy / ckpt.CHECKPOINT, lambda record: (edit(record), resign(record)))
     assert_refused(copy, match)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, flatten
+from .config import ConfigError, flatten, show_value
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint-previous.pt"
@@ -56,7 +56,7 @@ class EpochProgress:
     seconds: float = 0.0
 
 
-WITHIN_EPOCH = {f.name for f in dataclasses.fields(EpochProgress)}
+WITHIN_EPOCH = {f.name: type(f.default) for f in dataclasses.fields(EpochProgress)}
 
 
 class CheckpointError(RuntimeError):
@@ -235,11 +235,14 @@ def _read(path: Path, first_epoch: int = 1) -> dict:
             raise CheckpointError(f"checkpoint {where}: entry {key!r} must be "
                                   f"{kind.__name__}, got {type(value).__name__}")
     within = payload.get("within_epoch")  # a checkpoint written inside the next epoch
-    if within is not None and not (isinstance(within, dict) and set(within) == WITHIN_EPOCH
-                                   and isinstance(within["step"], int) and within["step"] >= 1):
+    if within is not None and not (
+            isinstance(within, dict) and set(within) == set(WITHIN_EPOCH)
+            and all(type(within[k]) is kind for k, kind in WITHIN_EPOCH.items())
+            and within["step"] >= 1 and within["correct"] >= 0 and within["seen"] >= 0):
+        rule = ", ".join(f"{k} ({kind.__name__})" for k, kind in WITHIN_EPOCH.items())
         raise CheckpointError(f"checkpoint {where}: entry 'within_epoch' must be None or a "
-                              f"dict of {', '.join(sorted(WITHIN_EPOCH))} with step >= 1, got "
-                              f"{within!r}")
+                              f"dict of {rule} with step >= 1 and counts >= 0, got "
+                              f"{show_value(within)}")
     least = 0 if within is not None else first_epoch
     if payload["epoch"] < least:
         raise CheckpointError(f"checkpoint {where}: entry 'epoch' must be >= {least}, got "

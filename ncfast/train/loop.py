@@ -268,8 +268,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, *,
             dist.destroy_process_group()
 
 
-def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
-             ) -> tuple[int, float, float, ckpt.EpochProgress | None]:
+def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler,
+             steps_per_epoch: int) -> tuple[int, float, float, ckpt.EpochProgress | None]:
     """Load the checkpoint at ``path`` into the run's objects and the RNGs; returns (epoch,
     train_time, track_time, where it stands within the next epoch). Raises before any RNG
     changes if anything does not fit."""
@@ -289,13 +289,18 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
                           f"built for epochs={saved_cfg.epochs}, and another length would "
                           f"move the learning rate off its path (up again when longer); keep "
                           f"epochs={saved_cfg.epochs}, or start a new run")
+    within = saved.get("within_epoch")
+    if within is not None and within["step"] >= steps_per_epoch:
+        # a mid-epoch checkpoint is never written at an epoch's last step
+        raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(path)!r} stands at step "
+                                   f"{within['step']} of an epoch, but an epoch of this data "
+                                   f"has {steps_per_epoch} steps; the run folder is unchanged")
     fresh = (optimizer.state_dict()["param_groups"], scheduler.state_dict(), scaler.state_dict())
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        within = saved.get("within_epoch")
         within = None if within is None else ckpt.EpochProgress(**within)
         if scheduler.last_epoch != saved["epoch"]:
             raise ValueError(f"its schedule is at epoch {scheduler.last_epoch}, the checkpoint "
@@ -417,7 +422,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
     within = None  # where a mid-epoch checkpoint stands
     if resume:  # every check and load before the run folder is written to
         start_epoch, train_time, track_time, within = _restore(
-            run_dir / ckpt.CHECKPOINT, cfg, model, optimizer, scheduler, scaler)
+            run_dir / ckpt.CHECKPOINT, cfg, model, optimizer, scheduler, scaler,
+            len(train_loader))
 
     if folder is not None:
         folder.create()
