@@ -5,6 +5,7 @@ nvJPEG + the device augmentation give the CPU decode's batches."""
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,46 @@ def test_device_augmentation_of_an_uncropped_image_is_a_resize(tmp_path):
     if bool(torch.rand(1, generator=flipped) < 0.5):
         expected = expected.flip(-1)
     assert (out - expected).abs().max() <= 1.0  # PIL rounds to uint8; the device path does not
+
+
+def mixed_files(tmp_path):
+    """Files an ImageFolder accepts, as (bytes, PIL's RGB pixels): a JPEG, a PNG with an alpha
+    channel under a .JPEG name (as ImageNet's training set holds one), a CMYK JPEG (ImageNet
+    holds 22) and a grayscale PNG."""
+    from PIL import Image
+
+    pixels = (torch.rand(30, 44, 4, generator=torch.Generator().manual_seed(0)) * 255).to(
+        torch.uint8).numpy()
+    rgba = Image.fromarray(pixels, "RGBA")
+    cases = [(rgba.convert("RGB"), "JPEG"), (rgba, "PNG"), (rgba.convert("CMYK"), "JPEG"),
+             (rgba.convert("L"), "PNG")]
+    out = []
+    for i, (image, kind) in enumerate(cases):
+        path = tmp_path / f"{i}.JPEG"
+        image.save(path, format=kind, quality=95)
+        expected = torch.as_tensor(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        out.append((file_bytes([path])[0], expected))
+    return out
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_decode_reads_every_file_an_image_folder_holds(tmp_path, device):
+    """Not only JPEGs: a PNG or a CMYK JPEG in the training tree is decoded (on the CPU where
+    the batched decoder refuses it), as the PIL path reads it, instead of ending the run."""
+    files, expected = zip(*mixed_files(tmp_path))
+    images = gpu_decode.decode(list(files), torch.device(device))
+    assert len(images) == 4
+    for i, (image, want) in enumerate(zip(images, expected)):
+        assert image.device.type == device and image.dtype == torch.uint8, i
+        assert image.shape == want.shape == (3, 30, 44), i
+        # PNGs exactly; JPEGs within the decoders' IDCT and colour-conversion differences
+        tolerance = 0 if i in (1, 3) else 8
+        assert float((image.cpu().float() - want.float()).abs().mean()) <= tolerance, i
+    with pytest.raises(RuntimeError):
+        gpu_decode.decode([files[0], torch.tensor([0xFF, 0xD8, 0, 1], dtype=torch.uint8)],
+                          torch.device(device))
 
 
 def test_jpeg_files_and_derived_seeds(tmp_path):

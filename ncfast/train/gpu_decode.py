@@ -86,10 +86,34 @@ def augment(images: Sequence[torch.Tensor], size: int, mean: Sequence[float],
 
 def decode(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """JPEG bytes -> uint8 RGB (3, H, W) images on ``device``: one batched nvJPEG call on CUDA
-    (libjpeg on the CPU). Grayscale and CMYK files come out as RGB."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    (libjpeg on the CPU). Grayscale and CMYK files come out as RGB. The files an ImageFolder
+    accepts besides JPEGs (PNG, ...; ImageNet's training set holds a PNG under a .JPEG name),
+    and JPEGs the batched call refuses, are decoded on the CPU (torchvision.io.decode_image)
+    and moved to the device, as the PIL path reads them, instead of stopping the run."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    def on_cpu(data: torch.Tensor) -> torch.Tensor:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+
+    def one(data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            return on_cpu(data)  # raises the CPU decoder's error for a damaged file
+
+    # The JPEG start-of-image marker, read from the host bytes (no device work).
+    jpeg = [i for i, data in enumerate(files) if data[:2].tolist() == [0xFF, 0xD8]]
+    images = [None] * len(files)
+    if jpeg:
+        try:
+            decoded = decode_jpeg([files[i] for i in jpeg], mode=ImageReadMode.RGB,
+                                  device=device)
+        except RuntimeError:  # one refused file fails the whole batch: decode one by one
+            decoded = [one(files[i]) for i in jpeg]
+        for i, image in zip(jpeg, decoded):
+            images[i] = image
+    return [image if image is not None else on_cpu(data)
+            for image, data in zip(images, files)]
 
 
 class GpuPipeline:
