@@ -270,6 +270,25 @@ def test_miniimagenet_converter_errors(tmp_path):
         convert(tmp_path, tmp_path / "out2", 2, 1, log=lambda line: None)
 
 
+@pytest.mark.parametrize("class_dict, message", [
+    ({"../../escaped": [0, 1]}, r"class name '../../escaped' must be a folder name \(printable, "
+                                r"without '/' or '\\'\)"),
+    ({"n01": [0, 1], "n02": []}, r"class n02 must list its image indices, got an array of shape "
+                                 r"\(0,\)"),
+    ({"n01": [[0, 1]]}, r"class n01 must list its image indices, got an array of shape \(1, 2\)"),
+], ids=["climbs-out", "empty-class", "nested-indices"])
+def test_a_received_pickle_writes_nothing_outside_out(tmp_path, class_dict, message):
+    rng = np.random.default_rng(0)
+    for name in FILES:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({"image_data": rng.integers(0, 256, (2, 4, 5, 3), dtype=np.uint8),
+                         "class_dict": class_dict}, f)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path, tmp_path / "a" / "b" / "out", 1, 1, log=lambda line: None)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_cifar_download_without_network_says_which_files_to_place_where(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
 

@@ -45,12 +45,22 @@ def read_pickle(path: Path) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{str(path)!r}: image_data must be (n, height, width, 3) uint8, got "
                          f"{images.shape} {images.dtype}")
+    if not isinstance(data["class_dict"], dict):
+        raise ValueError(f"{str(path)!r}: class_dict must be a dict, got "
+                         f"{type(data['class_dict']).__name__}")
     classes = [(str(w), np.asarray(idx, dtype=np.int64)) for w, idx in data["class_dict"].items()]
-    classes.sort(key=lambda c: int(c[1].min()))  # file order: the official code's labels
     for wnid, idx in classes:
+        # the class name becomes a folder name: a received file must not write elsewhere
+        if not wnid.isprintable() or any(c in wnid for c in "/\\"):
+            raise ValueError(f"{str(path)!r}: class name {wnid!r} must be a folder name "
+                             f"(printable, without '/' or '\\')")
+        if idx.ndim != 1 or not len(idx):
+            raise ValueError(f"{str(path)!r}: class {wnid} must list its image indices, got an "
+                             f"array of shape {idx.shape}")
         if idx.min() < 0 or idx.max() >= len(images):
             raise ValueError(f"{str(path)!r}: class {wnid} indexes images outside "
                              f"0..{len(images) - 1}")
+    classes.sort(key=lambda c: int(c[1].min()))  # file order: the official code's labels
     return images, classes
 
 
