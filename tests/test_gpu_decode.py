@@ -226,6 +226,18 @@ def test_cuda_decode_and_augmentation_match_the_cpu_decode(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_each_process_draws_its_own_crops_and_flips(tmp_path):
+    """Under DDP every process augments its part of the step's global batch: with the same
+    draws on every rank, sample i of each process's batch would share one crop and one flip."""
+    files = file_bytes(jpeg_files(tmp_path, count=4))
+    labels = torch.arange(4)
+    ranks = [gpu_decode.GpuPipeline("cpu", 32, IMAGENET_MEAN, IMAGENET_STD, seed=6, rank=r,
+                                    world=2) for r in range(2)]
+    a, b = (pipe.batch(files, labels, epoch=1, step=3)[0] for pipe in ranks)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, ranks[0].batch(files, labels, epoch=1, step=3)[0]), "repeatable"
+
+
 def test_prefetching_thread_gives_the_same_batches_and_stops_cleanly(tmp_path):
     """The prefetch thread (the CUDA path's, here without streams): the same batches as the
     synchronous path, no thread left behind when the consumer stops early, and an error in a

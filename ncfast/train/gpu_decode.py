@@ -117,16 +117,21 @@ def decode(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
 
 
 class GpuPipeline:
-    """The training batches of a JpegFiles loader, decoded and augmented on ``device``."""
+    """The training batches of a JpegFiles loader, decoded and augmented on ``device``; under
+    DDP one per process (``rank`` of ``world``), each drawing its own crops and flips."""
 
-    def __init__(self, device: torch.device, size: int, mean, std, seed: int):
+    def __init__(self, device: torch.device, size: int, mean, std, seed: int, rank: int = 0,
+                 world: int = 1):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # the prefetch thread sets it
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.size, self.mean, self.std, self.seed = device, size, mean, std, seed
+        self.rank, self.world = rank, world
 
     def batch(self, files, labels, epoch: int, step: int):
-        gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, step))
+        # One stream per (step, rank): the processes' batches of a step get independent draws.
+        position = step * self.world + self.rank
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, position))
         x = augment(decode(files, self.device), self.size, self.mean, self.std, gen)
         return x, labels.to(self.device, non_blocking=True)
 

@@ -416,7 +416,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
 
     gpu = None
     if isinstance(splits.train, JpegFiles):  # data.decode='cuda' (libjpeg on a CPU device)
-        gpu = GpuPipeline(device, splits.input_shape[-1], IMAGENET_MEAN, IMAGENET_STD, cfg.seed)
+        gpu = GpuPipeline(device, splits.input_shape[-1], IMAGENET_MEAN, IMAGENET_STD, cfg.seed,
+                          d.rank, d.world)
 
     start_epoch, records, train_time, track_time = 0, [], 0.0, 0.0
     within = None  # where a mid-epoch checkpoint stands
