@@ -37,6 +37,10 @@ BAD = [
     (["schedule.name=cosine", "schedule.min_lr=1"],
      r"'schedule.min_lr' must be <= optim.lr \(0.5\) with schedule.name='cosine' \(the lr "
      r"would rise\), got 1.0"),
+    (["schedule.name=cosine", "schedule.min_lr=0.05", "optim.lr=0.1", "data.batch_size=64",
+      "optim.lr_reference_batch=256"],
+     r"'schedule.min_lr' must be <= optim.lr x data.batch_size / optim.lr_reference_batch "
+     r"\(0.025\) with schedule.name='cosine' \(the lr would rise\), got 0.05"),
     *[([f"data.test_fraction={v}"], rf"'data.test_fraction' must be in \(0, 1\), got {g}")
       for v, g in [("0", "0.0"), ("1", "1.0"), ("1.5", "1.5"), (".nan", "nan")]],
     *[([f"data.num_classes={v}"], rf"'data.num_classes' must be 0 \(taken from the data\) or "

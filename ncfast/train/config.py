@@ -421,13 +421,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.name == "mse" and (cfg.loss.k != 1.0 or cfg.loss.M != 1.0):
         raise ConfigError("loss.name='mse' is k = M = 1; use loss.name='rescaled_mse' to set "
                           f"loss.k={cfg.loss.k:g} and loss.M={cfg.loss.M:g}")
-    if cfg.schedule.name == "cosine" and cfg.schedule.min_lr > cfg.optim.lr:
-        raise ConfigError(f"config key 'schedule.min_lr' must be <= optim.lr ({cfg.optim.lr:g}) "
-                          f"with schedule.name='cosine' (the lr would rise), got "
+    if cfg.schedule.name == "cosine" and cfg.schedule.min_lr > peak_lr(cfg):
+        start = (f"optim.lr x data.batch_size / optim.lr_reference_batch ({peak_lr(cfg):g})"
+                 if cfg.optim.lr_reference_batch else f"optim.lr ({cfg.optim.lr:g})")
+        raise ConfigError(f"config key 'schedule.min_lr' must be <= {start} with "
+                          f"schedule.name='cosine' (the lr would rise), got "
                           f"{cfg.schedule.min_lr!r}")
     if cfg.data.decode == "cuda" and cfg.data.name != "imagefolder":
         raise ConfigError(f"config key 'data.decode' may be 'cuda' for data.name='imagefolder' "
                           f"(JPEG files) only, got data.name={cfg.data.name!r}")
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    """optim.lr, scaled linearly with the batch when optim.lr_reference_batch is set (Goyal et
+    al. 2017: lr x batch / reference)."""
+    ref = cfg.optim.lr_reference_batch
+    return cfg.optim.lr * cfg.data.batch_size / ref if ref else cfg.optim.lr
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ..stats import NonFiniteFeaturesError
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import logs, report, sync_batch_norm
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, peak_lr
 from .data import (IMAGENET_MEAN, IMAGENET_STD, JpegFiles, class_subset, close_workers,
                    load_splits, loaders, ood_loader)
 from .gpu_decode import GpuPipeline
@@ -90,13 +90,6 @@ def loss_function(cfg: config_mod.LossConfig):
     k, M = (cfg.k, cfg.M) if cfg.name == "rescaled_mse" else (1.0, 1.0)
     return lambda logits, y: losses.rescaled_mse_loss(logits, y, k=k, M=M,
                                                       normalize=cfg.normalize)
-
-
-def peak_lr(cfg: TrainConfig) -> float:
-    """optim.lr, scaled linearly with the batch when optim.lr_reference_batch is set (Goyal et
-    al. 2017: lr x batch / reference)."""
-    ref = cfg.optim.lr_reference_batch
-    return cfg.optim.lr * cfg.data.batch_size / ref if ref else cfg.optim.lr
 
 
 def warmup_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
