@@ -29,6 +29,24 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     assert lrs[0] == pytest.approx(0.75) and lrs[1:] == [1.0, 1.0], "warm-up from 0.5 to 1"
 
 
+def test_checkpoints_every_n_steps_are_written_at_those_steps_only(tmp_path, monkeypatch):
+    """20 steps an epoch, a checkpoint every 30 steps: inside epoch 2 (step 30), at the end of
+    epoch 3 (step 60) and at the end of the run, none at other epoch ends."""
+    saved = []
+    save = ckpt.save
+
+    def spy(path, payload, keep_previous=True):
+        if path.name == ckpt.CHECKPOINT:
+            within = payload["within_epoch"]
+            saved.append((payload["epoch"], within and within["step"]))
+        save(path, payload, keep_previous)
+
+    monkeypatch.setattr(ckpt, "save", spy)
+    run(quick(tmp_path, "epochs=4", "track.every=4", "checkpoint_every=100",
+              "checkpoint_every_steps=30"))
+    assert saved == [(1, 10), (3, None), (4, None)]
+
+
 def test_training_order_is_torch_distributed_samplers_and_resumes_at_a_position():
     from torch.utils.data import DistributedSampler
 

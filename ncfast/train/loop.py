@@ -523,9 +523,8 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
                     progress.epoch_done("  NC " + "  ".join(
                         f"{r['split']}: acc {r['accuracy']:.4f} NC1 {report.fmt(r['nc1'])}"
                         for r in last))
-            steps_done = epoch * len(train_loader)
-            step_due = every_steps and steps_done // every_steps > (
-                steps_done - len(train_loader)) // every_steps
+            # The epoch's last step, when due, is the one step_done leaves to this save.
+            step_due = every_steps and epoch * len(train_loader) % every_steps == 0
             if folder is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
                                        or step_due):
                 save(epoch)
