@@ -101,9 +101,30 @@ def _rescaled_mse_reduced_fake(logits, target, k, M, ignore_index, scale, mean):
     return logits.new_empty(()), logits.new_empty((), dtype=loss_dtype(logits.dtype))
 
 
+def check_reduced_backward_args(grad: Tensor, row_scale: Tensor, logits: Tensor, target: Tensor,
+                                k: float, M: float) -> None:
+    """The checks of check_reduced_backward_args (csrc/loss_validation.cpp), same order and
+    messages."""
+    check_rescaled_mse_args(logits, target, k, M)
+    if grad.dim() != 0:
+        raise ValueError(f"{_OP}: grad must be 0-D (the loss is), got {_describe(grad)}")
+    if grad.dtype != logits.dtype:
+        raise TypeError(f"{_OP}: grad must be {logits.dtype} like the logits, got {grad.dtype}")
+    if row_scale.dim() != 0:
+        raise ValueError(f"{_OP}: row_scale must be 0-D, got {_describe(row_scale)}")
+    acc = loss_dtype(logits.dtype)
+    if row_scale.dtype != acc:
+        raise TypeError(f"{_OP}: row_scale must be {acc} for {logits.dtype} logits, got "
+                        f"{row_scale.dtype}")
+    for t in (grad, row_scale):
+        if t.device != logits.device:
+            raise ValueError(f"{_OP}: grad and row_scale must be on the same device as logits "
+                             f"({logits.device}), got {t.device}")
+
+
 @torch.library.register_fake("ncfast::rescaled_mse_reduced_backward")
 def _rescaled_mse_reduced_backward_fake(grad, row_scale, logits, target, k, M, ignore_index):
-    check_rescaled_mse_args(logits, target, k, M)
+    check_reduced_backward_args(grad, row_scale, logits, target, k, M)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

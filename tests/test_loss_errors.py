@@ -172,9 +172,13 @@ def test_reduced_ops_check_their_own_arguments(device):
          "row_scale must be torch.float32 for torch.float32 logits, got torch.float64"),
     ]
     for (grad, row_scale), exc, rule in cases:
-        with pytest.raises(exc) as info:
-            ops.rescaled_mse_reduced_backward(grad, row_scale, logits, target, 1.0, 1.0, -100)
-        assert str(info.value) == P + rule
+        # The op on the device, and its fake (meta, as torch.compile sees it), say the same.
+        for where in (device, "meta"):
+            with pytest.raises(exc) as info:
+                ops.rescaled_mse_reduced_backward(grad.to(where), row_scale.to(where),
+                                                  logits.to(where), target.to(where), 1.0, 1.0,
+                                                  -100)
+            assert str(info.value) == P + rule
 
 
 @pytest.mark.cuda
