@@ -200,6 +200,19 @@ def _weight_vec(weight: Tensor, v: Tensor) -> Tensor:
     return weight.to(acc) @ v
 
 
+def _in_range(S: Tensor, v: Tensor, dtype: torch.dtype):
+    """(S, v) rounded to ``dtype`` for the weight gradient's product, and the factor to multiply
+    that product by (None: none). float16 tops out at 65504, where S = X^T diag(gp) X does not
+    (features of size 200, or reduction="sum" over a large batch) though the gradient may: both
+    are divided by a power of two (exact) chosen on the device, 1 unless their largest entry
+    exceeds 2^14."""
+    if dtype != torch.float16 or S.numel() == 0:
+        return S.to(dtype), v.to(dtype), None
+    largest = torch.maximum(S.abs().amax(), v.abs().amax())
+    unscale = torch.exp2((torch.log2(largest).ceil() - 14).clamp_min(0))
+    return (S / unscale).to(dtype), (v / unscale).to(dtype), unscale
+
+
 # ---------------------------------------------------------------------------- gram formulas
 
 def _target_terms(zy: Tensor, has_target: Tensor, k: float, M: float):
@@ -325,8 +338,10 @@ def _gram_backward(g, X, W, b, target, saved, exact, k, M, ignore_index, chunk, 
             # where its terms cancel in the collapsed regime, are recomputed in float32: each
             # class's scatter is summed once (at its first sample's row) and added before the
             # single rounding.
-            S_w = S.to(W.dtype)
-            grad_w = W @ S_w if b is None else torch.outer(b, v.to(W.dtype)).addmm_(W, S_w)
+            S_w, v_w, unscale = _in_range(S, v, W.dtype)
+            grad_w = W @ S_w if b is None else torch.outer(b, v_w).addmm_(W, S_w)
+            if unscale is not None:
+                grad_w.mul_(unscale)
             first = torch.full((K,), N, dtype=torch.long, device=X.device).scatter_reduce_(
                 0, safe, torch.arange(N, device=X.device), "amin")
             per_class = torch.zeros(N, X.shape[1], dtype=acc, device=X.device).index_put_(

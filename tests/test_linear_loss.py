@@ -97,6 +97,27 @@ def test_reduced_precision_against_float64(device, method, dtype):
         assert err <= 2 * ref_err + 4 * eps * truth.abs().max().item(), (err, ref_err)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_float16_weight_gradient_beyond_its_range(device, method):
+    # Features of size ~400 (and a weight of size 1/400): X^T diag(g) X reaches ~2e5, beyond
+    # float16's 65504, while the loss and its gradients are ordinary numbers. The classes 16..31
+    # have no sample, so their weight-gradient rows come from that product alone.
+    X, W, b, y, _ = make_case((512, 16, 32), torch.float64, "cpu", {})
+    X, W, y = 400 * X, W / 400, y % 16
+    X, W, b, y = (t.to(device) for t in (X, W, b, y))
+    out, grads = loss_and_grads(ncfast.linear_rescaled_mse_loss, X.half(), W.half(), b.half(), y,
+                                dict(method=method))
+    low_out, low_grads = loss_and_grads(composition, X.half(), W.half(), b.half(), y, {})
+    truth_out, truth_grads = loss_and_grads(composition, X.half().double(), W.half().double(),
+                                            b.half().double(), y, {})
+    eps = torch.finfo(torch.float16).eps
+    for ours, low, truth in zip((out, *grads), (low_out, *low_grads), (truth_out, *truth_grads)):
+        assert ours.isfinite().all()
+        err = (ours.double() - truth).abs().max().item()
+        ref_err = (low.double() - truth).abs().max().item()
+        assert err <= 2 * ref_err + 4 * eps * truth.abs().max().item(), (err, ref_err)
+
+
 def test_int32_targets_and_non_contiguous_inputs(device):
     X, W, b, y, kwargs = make_case((15, 6, 20), torch.float64, device, OPTIONS["ignore"])
     Xt = X.T.contiguous().T  # column-major
