@@ -155,10 +155,13 @@ def test_values_that_only_the_data_can_refuse_fail_before_the_folder(tmp_path, o
      r"config key 'about' must be str, got \[\[\[\[\.\.\.\]\]\]\]"),
     (b"[" * 3000 + b"]" * 3000, r"(is nested too deeply to be a config|is not valid YAML)"),
     (b"- 1\n- 2\n", r"must hold a mapping, got list"),
-    (b"epochs: [1\n", r"is not valid YAML"),
+    (b"epochs: [1\n", r"is not valid YAML \(line 2, column 1: expected ',' or ']', but got "
+                      r"'<stream end>'\)$"),
+    (b"a: 1\n  b: 2\n", r"is not valid YAML \(line 2, column 4: mapping values are not allowed "
+                       r"here\)$"),
     (b"1: 2\n", r"config keys must be strings, got 1"),
 ], ids=["binary", "utf16", "self-mapping", "self-section", "self-list", "alias-bomb",
-        "alias-bomb-value", "deep", "list", "broken", "int-key"])
+        "alias-bomb-value", "deep", "list", "broken", "indented", "int-key"])
 def test_hostile_config_files_are_config_errors(tmp_path, content, message):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)

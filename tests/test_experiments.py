@@ -205,6 +205,33 @@ def test_measure_recomputes_nc_over_the_kept_checkpoints(tmp_path):
         posthoc.measure_run(result.run_dir, epochs=[3])
 
 
+def test_measure_of_a_checkpoint_of_another_model_says_so(tmp_path):
+    mine = run(load(None, [*QUICK, "epochs=1", f"runs_dir={tmp_path}",
+                           "track.keep_checkpoints=true"])).run_dir
+    other = run(load(None, [*QUICK, "epochs=1", f"runs_dir={tmp_path}", "name=other",
+                            "model.hidden=[5]", "track.keep_checkpoints=true"])).run_dir
+    (mine / ckpt.kept(1)).write_bytes((other / ckpt.kept(1)).read_bytes())
+    with pytest.raises(SystemExit, match=r"^ncfast measure: checkpoint '.*checkpoint-epoch0001.pt' "
+                                         r"does not fit the model of '.*config.yaml' \(Error\(s\) "
+                                         r"in loading state_dict for MLP: size mismatch"):
+        posthoc.main([str(mine)])
+    assert not (mine / ckpt.MEASURED).exists()
+
+
+@pytest.mark.parametrize("command", [posthoc.main, plotting.main], ids=["measure", "plot"])
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe", r"is not UTF-8 text \(byte 0: invalid start byte\)"),
+    (b"epochs: [1\n", r"is not valid YAML \(line 2, column 1: "),
+], ids=["binary", "broken"])
+def test_a_run_whose_config_yaml_is_not_a_config_is_named(tmp_path, command, content, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ckpt.CONFIG).write_bytes(content)
+    with pytest.raises(SystemExit, match=r"^ncfast (measure|plot): config file '.*config.yaml' "
+                       + message):
+        command([str(tmp_path / "run")])
+    assert not is_finished(tmp_path / "run")
+
+
 def test_measure_without_kept_checkpoints_says_how_to_get_them(tmp_path):
     result = run(load(None, [*QUICK, "epochs=1", f"runs_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"kept no checkpoints at its tracking epochs; train "

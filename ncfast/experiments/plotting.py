@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..train.config import ConfigError
 from .runs import Group, Run, expand, group_runs, load_run
 
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         runs = [load_run(p) for p in expand(args.runs)]
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConfigError) as err:
         raise SystemExit(f"ncfast plot: {err}") from None
     groups = group_runs(runs)
     draw(groups, Path(args.out), args.title or ", ".join(g.label for g in groups),

@@ -62,7 +62,13 @@ def measure_run(run_dir: str | Path, splits: tuple[str, ...] = ("train", "test")
     try:
         for epoch, path in found.items():
             saved = ckpt.load_kept(path)
-            model.load_state_dict(saved["model"])
+            try:
+                model.load_state_dict(saved["model"])
+            except RuntimeError as err:
+                detail = " ".join(str(err).split())
+                raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit the model "
+                                           f"of {str(run_dir / ckpt.CONFIG)!r} ({detail})") \
+                    from None
             for split, loader in (("train", train_eval), ("test", test)):
                 if split in splits:
                     records.append(measure_split(model, model.fc, loader, loss_fn,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..train import checkpoint as ckpt
-from ..train.config import flatten
+from ..train.config import flatten, read_yaml
 
 # Keys that say where or how a run was made, not what it computes: never a group's label.
 INCIDENTAL = ("name", "about", "runs_dir", "progress", "seed", "data.dir", "data.download",
@@ -41,12 +41,11 @@ class Run:
 
 
 def read_config(run_dir: Path) -> dict:
-    import yaml
-
+    """A run's config.yaml as flat dotted keys; ConfigError when the file is not a config."""
     path = Path(run_dir) / ckpt.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: it has no {ckpt.CONFIG}")
-    return flatten(yaml.safe_load(path.read_text()) or {})
+    return flatten(read_yaml(path))
 
 
 def load_run(run_dir: str | Path) -> Run:

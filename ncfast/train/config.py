@@ -472,8 +472,6 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
          ) -> TrainConfig:
     """Load ``path`` (a YAML file, or a preset's name) and apply ``overrides`` (``key=value``
     strings, or a dict of dotted keys)."""
-    import yaml
-
     tree: dict = {}
     if path is not None:
         file = Path(path)
@@ -486,22 +484,7 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
                 hint = f"; did you mean preset {close[0]!r}?" if close else ""
                 raise ConfigError(f"config file {show_value(path)} does not exist and is not a "
                                   f"preset name{hint} (ncfast train --list-presets)")
-        where = show_value(str(file))
-        try:
-            tree = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config file {where} is not UTF-8 text (byte {err.start}: "
-                              f"{err.reason})") from None
-        except OSError as err:
-            raise ConfigError(f"config file {where} cannot be read ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {where} is not valid YAML: {err}") from None
-        except RecursionError:
-            raise ConfigError(f"config file {where} is nested too deeply to be a config") \
-                from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {where} must hold a mapping, got "
-                              f"{type(tree).__name__}")
+        tree = read_yaml(file)
     if isinstance(overrides, dict):
         parsed = dict(overrides)
     else:
@@ -512,6 +495,31 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
                 raise ConfigError(f"override {item!r} must be key=value (e.g. optim.lr=0.1)")
             parsed[key.strip()] = _CommandLine(value)
     return from_dict(tree, parsed)
+
+
+def read_yaml(file: Path) -> dict:
+    """The mapping a config file holds (a run's config.yaml or a user's), or a ConfigError
+    saying why the file cannot be one."""
+    import yaml
+
+    where = show_value(str(file))
+    try:
+        tree = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {where} is not UTF-8 text (byte {err.start}: "
+                          f"{err.reason})") from None
+    except OSError as err:
+        raise ConfigError(f"config file {where} cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:  # on one line: where, and what the parser expected
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"config file {where} is not valid YAML ({at}{problem})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {where} is nested too deeply to be a config") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {where} must hold a mapping, got {type(tree).__name__}")
+    return tree
 
 
 def file_exists(path: Path) -> bool:
