@@ -220,10 +220,20 @@ def test_bad_input_leaves_the_run_folder_as_it_was(tmp_path):
     assert not (tmp_path / "never-ran").exists()
 
 
-def test_divergence_is_an_error_that_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("every_steps", [0, 1], ids=["epoch-ends", "every-step"])
+def test_divergence_is_an_error_that_keeps_the_last_checkpoint(tmp_path, every_steps):
+    """No checkpoint (an epoch's end, or one every N steps) is written once the run has
+    diverged: the last one written holds a finite network."""
     with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 1: the mean "
-                                               r"training loss is (nan|inf); lower optim.lr"):
-        run(quick(tmp_path, "optim.lr=1e6", "loss.normalize=sample"))
+                                               r"training loss is (nan|inf); lower optim.lr.*"
+                                               r"keeps its last checkpoint, written before"):
+        run(quick(tmp_path, "optim.lr=1e6", "loss.normalize=sample",
+                  f"checkpoint_every_steps={every_steps}"))
+    written = sorted((tmp_path / "digits").glob("checkpoint*.pt"))
+    assert len(written) == (2 if every_steps else 0)  # those of the first, finite steps
+    for path in written:
+        state = ckpt.load_kept(path)["model"]
+        assert all(bool(t.isfinite().all()) for t in state.values()), path.name
 
 
 def killed_then_resumed(tmp_path, args, ready) -> dict:

@@ -484,12 +484,25 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
 
     every_steps = cfg.checkpoint_every_steps
 
+    def check_finite(epoch: int, loss_mean: float) -> None:
+        """TrainingDiverged before a checkpoint would keep a diverged network."""
+        finite_weights = bool(torch.stack([t.isfinite().all() for t in model.state_dict()
+                                           .values() if t.is_floating_point()]).all())
+        if not (math.isfinite(loss_mean) and finite_weights):
+            what = (f"the mean training loss is {loss_mean}" if not math.isfinite(loss_mean)
+                    else "the weights or BatchNorm statistics are no longer finite")
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch}: {what}; lower optim.lr (now "
+                f"{cfg.optim.lr:g}). The run folder keeps its last checkpoint, written before "
+                f"the divergence")
+
     def step_done(epoch: int, step: int, steps_per_epoch: int, progress_now) -> None:
         """Every checkpoint_every_steps steps, a checkpoint inside the epoch (its last step
         leaves the checkpoint to the epoch's end)."""
         if (every_steps and step < steps_per_epoch
                 and ((epoch - 1) * steps_per_epoch + step) % every_steps == 0):
             within = progress_now()  # under DDP a collective: every rank takes part
+            check_finite(epoch, within.loss_sum / within.seen)  # the same on every rank
             if folder is not None:
                 save(epoch - 1, within)
 
@@ -502,15 +515,7 @@ def _train(cfg: TrainConfig, resume: bool, d: _Dist, device: torch.device, run_d
                 progress, d, within, step_done)
             within = None
             train_time += seconds
-            finite_weights = bool(torch.stack([t.isfinite().all() for t in model.state_dict()
-                                               .values() if t.is_floating_point()]).all())
-            if not (math.isfinite(loss_mean) and finite_weights):
-                what = (f"the mean training loss is {loss_mean}" if not math.isfinite(loss_mean)
-                        else "the weights or BatchNorm statistics are no longer finite")
-                raise TrainingDiverged(
-                    f"training diverged in epoch {epoch}: {what}; lower optim.lr (now "
-                    f"{cfg.optim.lr:g}). The run folder keeps the checkpoint of the last "
-                    f"finished epoch")
+            check_finite(epoch, loss_mean)
             scheduler.step()
             emit({"kind": "train", "epoch": epoch, "loss": loss_mean, "accuracy": acc,
                   "lr": lr, "seconds": seconds, "samples_per_s": samples / seconds})
