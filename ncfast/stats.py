@@ -522,12 +522,20 @@ class ClassStats:
                              f"dim={self.dim}, got num_classes={K} and dim={d}")
 
     def _set_centred(self, n: Tensor, mu: Tensor, m2: Tensor, sq: Tensor) -> None:
+        """The state of float64 counts, means, M2 and per-class centred sums of squares. The
+        reference points are the means rounded to the state dtype and the sums keep what the
+        rounding lost, so a float32 state reads back the float64 means it was given (a rounded
+        mean costs NC1 digits under a large common offset)."""
         to = dict(device=self.device, dtype=self.dtype)
-        self._counts = n.to(device=self.device, dtype=torch.int64)
+        n = n.to(device=self.device, dtype=torch.float64)
+        mu = mu.to(device=self.device, dtype=torch.float64)
+        self._counts = n.to(torch.int64)
         self._shift = mu.to(**to)
-        self._sums = torch.zeros_like(self._shift)
-        self._gram = m2.to(**to)
-        self._sq = sq.to(**to)
+        self._sums = ((mu - self._shift.double()) * n[:, None]).to(**to)
+        s = self._sums.double()
+        s_over_n = s / n.clamp(min=1)[:, None]
+        self._gram = (m2 + s_over_n.T @ s).to(**to)  # read back as Q - sum_k S_k S_k^T / n_k
+        self._sq = (sq + (s_over_n * s).sum(1)).to(**to)
         self._all_seen = False
         self._state_checked = False
 

@@ -328,8 +328,12 @@ def _gloo_worker(rank, world, init_file, feats, labels, out):
         shard = slice(rank, None, world)
         stats = stream(feats[shard], labels[shard], 5, 7, dtype=torch.float64)
         stats.all_reduce()
+        # float32 under a large offset: the reduced means are not rounded to the state dtype
+        offset_feats, offset_labels, _ = offset_data(1e5)
+        stats32 = stream(offset_feats[shard], offset_labels[shard], 10, 64).all_reduce()
         out[rank] = {"sigma_w": stats.sigma_w(), "means": stats.means.clone(),
-                     "counts": stats.counts.clone(), "var": stats.class_variances()}
+                     "counts": stats.counts.clone(), "var": stats.class_variances(),
+                     "offset_metrics": metrics.all_metrics(stats32).as_dict()}
     finally:
         dist.destroy_process_group()
 
@@ -348,6 +352,7 @@ def test_two_process_gloo_all_reduce_equals_single_process(tmp_path):
         assert_close(results[rank]["means"], one.means, rtol=1e-12, atol=1e-12)
         assert_close(results[rank]["sigma_w"], one.sigma_w(), rtol=1e-12, atol=1e-12)
         assert_close(results[rank]["var"], one.class_variances(), rtol=1e-12, atol=1e-12)
+        assert_offset_metrics(results[rank]["offset_metrics"], offset_data(1e5)[2])
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
@@ -389,22 +394,55 @@ def test_wide_features_use_the_block_triangular_gram_exactly(device):
 
 # ---- issue 11: unrounded means, overflow across batches, all-or-nothing load_state_dict
 
+OFFSET_KEYS = ("nc1", "nc1_trace", "nc2_means", "equinorm_means", "cdnv")
+
+
+def offset_data(offset, K=10, d=32, n=200):
+    """float32 features: class means 1 apart on top of a common offset, spread 0.01; shuffled,
+    with the float64 reference metrics."""
+    gen = torch.Generator().manual_seed(3)
+    means = torch.randn(K, d, generator=gen, dtype=torch.float64)
+    labels = torch.arange(K).repeat_interleave(n)[torch.randperm(K * n, generator=gen)]
+    feats = (offset + means[labels] + 0.01 * torch.randn(K * n, d, generator=gen,
+                                                         dtype=torch.float64)).float()
+    ref = metrics.all_metrics(reference.class_stats(feats.double(), labels, K)).as_dict()
+    return feats, labels, ref
+
+
+def assert_offset_metrics(got, ref):
+    for key in OFFSET_KEYS:
+        assert abs(got[key] / ref[key] - 1) <= 1e-6, key
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e5, -3e5], ids=["1e4", "1e5", "-3e5"])
 def test_float32_metrics_read_unrounded_means_under_a_large_common_offset(offset):
     """Class means 1 apart on top of a common offset: float32 means rounded to the state dtype
     cost NC1 and NC2 up to 1e-3 relative; read unrounded, they agree with the reference."""
-    K, d, n = 10, 32, 200
-    gen = torch.Generator().manual_seed(3)
-    means = torch.randn(K, d, generator=gen, dtype=torch.float64)
-    labels = torch.arange(K).repeat_interleave(n)
-    feats = (offset + means[labels] + 0.01 * torch.randn(K * n, d, generator=gen,
-                                                         dtype=torch.float64)).float()
-    ref = metrics.all_metrics(reference.class_stats(feats.double(), labels, K)).as_dict()
-    stats = stream(feats, labels, K, 64)
+    feats, labels, ref = offset_data(offset)
+    stats = stream(feats, labels, 10, 64)
     assert stats.means.dtype == torch.float64
-    got = metrics.all_metrics(stats).as_dict()
-    for key in ("nc1", "nc1_trace", "nc2_means", "equinorm_means", "cdnv"):
-        assert abs(got[key] / ref[key] - 1) <= 1e-6, key
+    assert_offset_metrics(metrics.all_metrics(stats).as_dict(), ref)
+
+
+@pytest.mark.parametrize("offset", [1e5, -3e5], ids=["1e5", "-3e5"])
+def test_float32_merge_keeps_the_unrounded_means(offset):
+    """A merge stores each class's merged mean as a float32 reference point; what the rounding
+    loses stays in the sums, so merged shards (and a merge after a state_dict round trip) give
+    the metrics of one pass, not ones 1e-4 off."""
+    feats, labels, ref = offset_data(offset)
+    parts = [stream(feats[i::3], labels[i::3], 10, 64) for i in range(3)]
+    merged = parts[0].merge(parts[1])
+    restored = ncfast.ClassStats(10, 32)
+    restored.load_state_dict(merged.state_dict())
+    for stats in (merged.merge(parts[2]), restored.merge(parts[2])):
+        assert_offset_metrics(metrics.all_metrics(stats).as_dict(), ref)
+    # and it keeps accumulating from the merged state
+    more = stream(feats, labels, 10, 64).merge(stream(feats[0::3], labels[0::3], 10, 64))
+    more.update(feats[1::3], labels[1::3])
+    more.update(feats[2::3], labels[2::3])
+    doubled = metrics.all_metrics(reference.class_stats(
+        torch.cat([feats, feats]).double(), torch.cat([labels, labels]), 10)).as_dict()
+    assert_offset_metrics(metrics.all_metrics(more).as_dict(), doubled)
 
 
 @pytest.mark.parametrize("checks", ["immediate", "deferred", False])
