@@ -651,7 +651,11 @@ def linear_rescaled_mse_loss(
 
     Precision. Both methods accumulate in float32 (float64 for float64 inputs); bf16/fp16 products
     run with float32 accumulation, and the Gram path keeps G, x^T G x and the gradients' float32
-    terms unrounded. The Gram identity subtracts terms of size
+    terms unrounded. One exception: the chunked method adds each chunk's weight gradient into a
+    tensor of the weight's dtype (a float32 sum would hold 4 more bytes per weight entry), so
+    with bf16/fp16 that gradient is rounded once per chunk and its error grows with the number
+    of chunks, N / chunk_size; a larger ``chunk_size`` keeps it near the unfused composition's.
+    The Gram identity subtracts terms of size
     T_i = ‖z_i‖^2 + |k-1| z_y^2 + 2k|M z_y| + kM^2 to obtain loss_i, which cancels when the sample
     is near its target (the collapsed regime). The **guard**: every row with loss_i < T_i / R is
     recomputed from its own logits (forward and backward), with R = 2^13 (float64 inputs),
