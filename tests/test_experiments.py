@@ -59,6 +59,14 @@ def test_bad_sweep_axes_are_named(axis, message):
         sweep.grid([axis])
 
 
+@pytest.mark.parametrize("value", ["a\\b", "a\tb", "\u00e9" * 100],
+                         ids=["backslash", "tab", "long-in-bytes"])
+def test_every_value_gives_a_run_folder_name_train_accepts(tmp_path, value):
+    (planned,) = sweep.plan([(None, [f"about={value}"])], tmp_path)
+    assert load(None, planned.train_overrides()).name == planned.name
+    assert len(planned.name.encode()) <= 120
+
+
 def test_a_bad_value_stops_the_sweep_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'optim.name' must be one of"):
         sweep.plan([(None, ["optim.name=sgd"]), (None, ["optim.name=adamm"])], tmp_path)

@@ -80,13 +80,15 @@ def run_name(overrides: list[str]) -> str:
     model.hidden=[32, 32] (no '/', brackets, quotes or spaces)."""
     cleaned = []
     for o in overrides:
-        for old, new in (("/", "_"), (",", "-"), (" ", ""), ("[", ""), ("]", ""), ("'", ""),
-                         ('"', "")):
+        for old, new in (("/", "_"), ("\\", "_"), (",", "-"), (" ", ""), ("[", ""), ("]", ""),
+                         ("'", ""), ('"', "")):
             o = o.replace(old, new)
-        cleaned.append(o)
+        cleaned.append("".join(c if c.isprintable() else "_" for c in o))
     name = "__".join(cleaned) or "run"
-    if len(name) > 120:  # folder names stay short and distinct
-        name = name[:100] + "__" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    data = name.encode("utf-8", "surrogatepass")
+    if len(data) > 120:  # folder names stay short (in bytes, as the OS counts) and distinct
+        name = (data[:100].decode("utf-8", "ignore") + "__"
+                + hashlib.sha1(data).hexdigest()[:10])
     return name
 
 
@@ -99,8 +101,8 @@ def plan(runs: list[tuple[str | None, list[str]]], runs_dir: str | Path,
     planned = []
     seen = set()
     for i, (config, overrides) in enumerate(runs):
-        cfg = load(config, overrides)  # raises ConfigError naming the key
         name = names[i] if names else run_name(overrides)
+        cfg = load(config, [*overrides, f"name={name}"])  # raises ConfigError naming the key
         if name in seen:
             raise ConfigError(f"sweep runs {name!r} repeat: an axis lists a value twice")
         seen.add(name)
