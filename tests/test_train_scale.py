@@ -47,6 +47,30 @@ def test_checkpoints_every_n_steps_are_written_at_those_steps_only(tmp_path, mon
     assert saved == [(1, 10), (3, None), (4, None)]
 
 
+def test_resume_refuses_to_end_before_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+    """A run stopped just after a checkpoint inside epoch 2, resumed with epochs=1: refused
+    (it would train nothing and end on a partial epoch's weights); epochs=2 finishes it."""
+    class Killed(Exception):
+        pass
+
+    save = ckpt.save
+
+    def save_then_stop(path, payload, keep_previous=True):
+        save(path, payload, keep_previous)
+        if payload["within_epoch"] is not None:
+            raise Killed
+
+    monkeypatch.setattr(ckpt, "save", save_then_stop)
+    with pytest.raises(Killed):
+        run(quick(tmp_path, "epochs=2", "checkpoint_every_steps=25"))
+    monkeypatch.setattr(ckpt, "save", save)
+    with pytest.raises(ConfigError, match=r"cannot resume to epochs=1: the checkpoint is "
+                                          r"inside epoch 2 \(after its step 5\)"):
+        run(quick(tmp_path, "epochs=1", "checkpoint_every_steps=25"), resume=True)
+    result = run(quick(tmp_path, "epochs=2", "checkpoint_every_steps=25"), resume=True)
+    assert [r["epoch"] for r in result.records if r["kind"] == "train"] == [1, 2]
+
+
 def test_training_order_is_torch_distributed_samplers_and_resumes_at_a_position():
     from torch.utils.data import DistributedSampler
 
