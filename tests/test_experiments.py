@@ -67,6 +67,20 @@ def test_every_value_gives_a_run_folder_name_train_accepts(tmp_path, value):
     assert len(planned.name.encode()) <= 120
 
 
+@pytest.mark.parametrize("jobs, threads, message", [
+    (0, 0, r"--jobs must be an integer >= 1, got 0"),
+    (2, -1, r"--threads must be an integer >= 0, got -1"),
+], ids=["no-jobs", "negative-threads"])
+def test_jobs_and_threads_are_checked_where_runs_start(tmp_path, jobs, threads, message):
+    """`ncfast figure --jobs 0` waited forever for a run slot that never opened."""
+    with pytest.raises(ConfigError, match=message):
+        sweep.execute([], jobs, threads)
+    with pytest.raises(SystemExit, match=r"^ncfast sweep: " + message):
+        sweep.main(["epochs=1", f"--jobs={jobs}", f"--threads={threads}",
+                    f"--runs-dir={tmp_path}"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bad_value_stops_the_sweep_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'optim.name' must be one of"):
         sweep.plan([(None, ["optim.name=sgd"]), (None, ["optim.name=adamm"])], tmp_path)

@@ -125,6 +125,10 @@ def execute(runs: list[PlannedRun], jobs: int = 1, threads: int = 0,
     the machine's cores shared among the jobs). One job with the default threads runs in this
     process; otherwise each run is an `ncfast train` process whose output goes to
     <run folder>.log. Returns the runs that failed."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"--threads must be an integer >= 0, got {threads!r}")
     todo = [r for r in runs if r.state != "finished"]
     for r in runs:
         if r.state == "finished":
@@ -202,20 +206,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.jobs < 1:
-        raise SystemExit(f"ncfast sweep: --jobs must be >= 1, got {args.jobs}")
-    if args.threads < 0:
-        raise SystemExit(f"ncfast sweep: --threads must be >= 0, got {args.threads}")
     try:
         runs = plan([(args.config, o) for o in grid(args.axes)], Path(args.runs_dir) / args.name)
+        if args.print_only:
+            for r in runs:
+                if r.state != "finished":
+                    print(shlex.join(r.command(installed=True)))
+            return
+        failed = execute(runs, args.jobs, args.threads)
     except ConfigError as err:
         raise SystemExit(f"ncfast sweep: {err}") from None
-    if args.print_only:
-        for r in runs:
-            if r.state != "finished":
-                print(shlex.join(r.command(installed=True)))
-        return
-    failed = execute(runs, args.jobs, args.threads)
     done = sum(r.state == "finished" for r in runs)
     print(f"{done}/{len(runs)} runs finished in {Path(args.runs_dir) / args.name}")
     if failed:
