@@ -233,8 +233,8 @@ def measure(
                         ncc="ncc_accuracy" in extras, class_scatter="nf_ratio" in extras,
                         device=device, dtype=dtype)
                     consumers.append(per_sample)
-                if nc4:
-                    first_means = stats.means
+                if nc4:  # classes the first sweep did not see have no mean to be nearest to
+                    first_means = torch.where((stats.counts > 0)[:, None], stats.means, torch.nan)
                     stats = ClassStats(K, d, device=device, dtype=dtype, nc4_weight=weight,
                                        nc4_bias=bias, nc4_means=first_means)
                     consumers.append(stats)

@@ -119,7 +119,8 @@ class ClassStats:
             whose nearest class mean disagrees with the classifier's prediction (NC4,
             theory.md 5.6); ``ncfast.measure`` makes that second sweep for you.
         nc4_bias: the classifier's optional bias (K,).
-        nc4_means: the class means (K, d) of a *previous pass*.
+        nc4_means: the class means (K, d) of a *previous pass*; a row of NaN marks a class
+            that pass did not see, which is then never the nearest.
         buffer_rows: batches smaller than this are staged in a (buffer_rows, d) buffer and
             folded into the state a block at a time (when it is full, and before any read,
             merge or state_dict). Default: 2^23 / d rows (32 MiB of float32) in [256, 8192] on
@@ -201,10 +202,23 @@ class ClassStats:
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"ncfast.ClassStats: {name} must have shape {list(shape)}, "
                                  f"got {list(t.shape)}")
-        to = dict(device=self.device, dtype=self.dtype)
-        means = means.detach().to(**to)
-        return (torch.cat([weight.detach().to(**to), means]),
-                None if bias is None else bias.detach().to(**to), (means * means).sum(1))
+        to, f64 = dict(device=self.device, dtype=self.dtype), dict(device=self.device,
+                                                                    dtype=torch.float64)
+        means = means.detach().to(**f64)
+        present = means.isfinite().all(1)  # NaN rows: classes the previous pass did not see
+        if not bool(present.any()):
+            raise ValueError("ncfast.ClassStats: nc4_means must have a finite row (rows of NaN "
+                             "mark classes with no mean)")
+        # Distances about a common point: under a large common offset the expansion
+        # ||mu_k||^2 - 2 h.mu_k cancels away, in float32, the differences between classes.
+        # The logits follow as W (h - c) + (W c + b).
+        centre = means[present].mean(0)
+        means = torch.where(present[:, None], means - centre, 0)
+        weight = weight.detach().to(**f64)
+        bias = weight @ centre + (0 if bias is None else bias.detach().to(**f64))
+        sq_norms = torch.where(present, (means * means).sum(1), float("inf"))
+        return (torch.cat([weight, means]).to(**to), bias.to(**to), sq_norms.to(**to),
+                centre.to(**to))
 
     # ---- accumulation
 
@@ -423,8 +437,8 @@ class ClassStats:
     def _nc4_batch(self, feats: Tensor, skip: Tensor | None) -> Tensor:
         # One GEMM against [W; means], then one fused pass: argmax of the logits (+ bias) vs
         # argmin_k ||x - mu_k||^2 = argmin_k (||mu_k||^2 - 2 x . mu_k), counted on the device.
-        stacked, bias, sq_norms = self._nc4
-        scores = feats.to(self.dtype) @ stacked.T
+        stacked, bias, sq_norms, centre = self._nc4
+        scores = (feats.to(self.dtype) - centre) @ stacked.T
         return torch.ops.ncfast.nc4_mismatches(scores, bias, sq_norms, skip)
 
     # ---- read-out (the protocol of ncfast.metrics)

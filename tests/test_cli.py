@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -80,3 +83,14 @@ def test_print_config_reports_a_bad_key(capsys):
     code, _, err = run_cli(capsys, "train", "--print-config", "optim.lrr=1")
     assert code == 1
     assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'?" in err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`ncfast train --list-keys | head -3`: the closed pipe ends the command quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "ncfast", "train", "--list-keys"],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -113,9 +113,13 @@ class PerSampleStats:
         self._present = counts > 0
         if not bool(self._present.any()):
             raise EmptyClassError(f"{op}: the statistics have no samples", list(range(K)))
-        self._means = stats.means.to(**to)
-        self._mu_g = stats.global_mean("weighted").to(**to)
-        self._sq_means = torch.where(self._present, (self._means.double() ** 2).sum(1),
+        means, mu_g = stats.means.to(self.device, _F64), stats.global_mean("weighted")
+        mu_g = mu_g.to(self.device, _F64)
+        self._means, self._mu_g = means.to(dtype), mu_g.to(dtype)
+        # Nearest means from features and means centred by μ_G: under a large common offset the
+        # expansion ||μ_k||^2 - 2 h.μ_k would cancel away, in float32, the class differences.
+        self._centred_means = (means - mu_g).to(dtype)
+        self._sq_means = torch.where(self._present, (self._centred_means.double() ** 2).sum(1),
                                      float("inf")).to(dtype)  # empty classes are never nearest
         self._ncc, self._scatter = bool(ncc), bool(class_scatter)
         self._weight = None
@@ -168,15 +172,16 @@ class PerSampleStats:
             raise ValueError(f"{op}: labels must be in [0, {self.num_classes}), got "
                              f"{lo if lo < 0 else hi}")
         h = features.to(self.dtype)
+        hc = h - self._mu_g
         y = labels.long()
         margins = None
         if self._weight is not None:
-            centred_norms = torch.linalg.vector_norm(h - self._mu_g, dim=1)
+            centred_norms = torch.linalg.vector_norm(hc, dim=1)
             if not bool((centred_norms > 0).all()):
                 row = int((centred_norms == 0).nonzero()[0])
                 raise ValueError(f"{op}: row {row} equals the global mean; its cosine margin "
                                  f"is undefined")
-            margins = self._margins(h, y, centred_norms)
+            margins = self._margins(h, hc, y, centred_norms)
         # Everything above may raise; the state changes only below.
         self._count += B
         if margins is not None:
@@ -187,7 +192,7 @@ class PerSampleStats:
             if self.keep_margins:
                 self._margin_values.append(margins)
         if self._ncc:
-            self._ncc_correct += (self._nearest_means(h) == y).sum()
+            self._ncc_correct += (self._nearest_means(hc) == y).sum()
         if self._scatter:
             self._add_scatter(h.to(_F64), y)
 
@@ -195,11 +200,11 @@ class PerSampleStats:
         rows = max(1, _BLOCK // self.num_classes)
         return ((r, min(r + rows, B)) for r in range(0, B, rows))
 
-    def _margins(self, h: Tensor, y: Tensor, centred_norms: Tensor) -> Tensor:
+    def _margins(self, h: Tensor, hc: Tensor, y: Tensor, centred_norms: Tensor) -> Tensor:
         w, wc_norms = self._weight
         out = torch.empty(h.shape[0], dtype=_F64, device=self.device)
         for r0, r1 in self._row_blocks(h.shape[0]):
-            x = h[r0:r1] if self.margin_kind == "official" else h[r0:r1] - self._mu_g
+            x = (h if self.margin_kind == "official" else hc)[r0:r1]
             cos = (x @ w.T) / (centred_norms[r0:r1, None] * wc_norms[None, :])
             rows = torch.arange(r1 - r0, device=self.device)
             true = cos[rows, y[r0:r1]].clone()
@@ -207,11 +212,12 @@ class PerSampleStats:
             out[r0:r1] = true.double() - cos.amax(1).double()
         return out
 
-    def _nearest_means(self, h: Tensor) -> Tensor:
-        # argmin_k ||h - mu_k||^2 = argmin_k (||mu_k||^2 - 2 h . mu_k), a block of rows at a time
-        out = torch.empty(h.shape[0], dtype=torch.int64, device=self.device)
-        for r0, r1 in self._row_blocks(h.shape[0]):
-            out[r0:r1] = (self._sq_means - 2.0 * (h[r0:r1] @ self._means.T)).argmin(1)
+    def _nearest_means(self, hc: Tensor) -> Tensor:
+        # argmin_k ||h - mu_k||^2 = argmin_k (||mu_k - mu_G||^2 - 2 (h - mu_G).(mu_k - mu_G)),
+        # ``hc`` = h - mu_G, a block of rows at a time
+        out = torch.empty(hc.shape[0], dtype=torch.int64, device=self.device)
+        for r0, r1 in self._row_blocks(hc.shape[0]):
+            out[r0:r1] = (self._sq_means - 2.0 * (hc[r0:r1] @ self._centred_means.T)).argmin(1)
         return out
 
     def _add_scatter(self, h: Tensor, y: Tensor) -> None:
