@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name: (module whose main(argv) runs it, one line for `ncfast --help`)
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     parsed = parser.parse_args(argv)
     module, _ = SUBCOMMANDS[parsed.command]
-    importlib.import_module(module).main(parsed.args)
+    try:
+        importlib.import_module(module).main(parsed.args)
+        sys.stdout.flush()  # inside the try: a closed pipe raises here, not at exit
+    except BrokenPipeError:  # the reader stopped early (`ncfast train --list-keys | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
