@@ -152,6 +152,21 @@ def test_linear_lr_scaling_and_warm_up():
         0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.0]
 
 
+def jpeg_tree(tmp_path, per_class: dict) -> None:
+    """tmp_path/data/<split>/c0, c1: per_class[split] JPEGs each, portrait and landscape."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in per_class.items():
+        for k in range(2):
+            folder = tmp_path / "data" / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = (40, 56) if i % 2 else (56, 40)
+                pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+
+
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA device")])])
@@ -159,17 +174,7 @@ def test_gpu_decode_path_trains_end_to_end(tmp_path, device):
     """data.decode='cuda': the workers read the JPEG bytes, nvJPEG decodes (libjpeg on a CPU
     device), the device augmentation crops, a batch ahead on CUDA; NC tracking keeps the PIL
     path."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split, per_class in (("train", 6), ("val", 2)):
-        for k in range(2):
-            folder = tmp_path / "data" / split / f"c{k}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                h, w = (40, 56) if i % 2 else (56, 40)
-                pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    jpeg_tree(tmp_path, {"train": 6, "val": 2})
     args = [f"runs_dir={tmp_path}", "progress=false", "data.name=imagefolder",
             f"data.dir={tmp_path / 'data'}", "data.image_size=32", "data.augment=imagenet",
             "data.batch_size=4", "data.workers=1", "data.decode=cuda", "model.hidden=[16]",
@@ -186,3 +191,24 @@ def test_gpu_decode_path_trains_end_to_end(tmp_path, device):
                                           r"'imagenet'.*got data.augment='auto' at "
                                           r"data.image_size=32"):
         run(load(None, [*args[:5], *args[6:], "name=crop-flip"]))
+
+
+def test_gpu_decode_without_a_device_jpeg_decoder_is_refused_up_front(tmp_path, monkeypatch):
+    """A torchvision that cannot decode JPEGs on the device (no nvJPEG) is a ConfigError before
+    anything is written, not a run that decodes every batch on the CPU's fallback path."""
+    import torchvision.io
+
+    def no_decoder(*args, **kwargs):
+        raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
+
+    jpeg_tree(tmp_path, {"train": 2, "val": 1})
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_decoder)
+    with pytest.raises(ConfigError, match=r"'data.decode' = 'cuda' needs torchvision to decode "
+                                          r"JPEGs on cpu \(nvJPEG\), which failed \(decode_jpegs"
+                                          r"_cuda: torchvision not compiled with nvJPEG support\); "
+                                          r"use data.decode='cpu'"):
+        run(load(None, [f"runs_dir={tmp_path}", "progress=false", "data.name=imagefolder",
+                        f"data.dir={tmp_path / 'data'}", "data.image_size=32",
+                        "data.augment=imagenet", "data.batch_size=2", "data.decode=cuda",
+                        "model.hidden=[8]", "epochs=1", "device=cpu"]))
+    assert not (tmp_path / "digits").exists()

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .data import derived_seed
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not installed here);
@@ -116,6 +117,22 @@ def decode(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
             for image, data in zip(images, files)]
 
 
+def _check_decoder(device: torch.device) -> None:
+    """ConfigError now, before a run starts, when JPEGs cannot be decoded on ``device`` (a
+    torchvision without nvJPEG): :func:`decode`'s CPU fallback for single refused files would
+    otherwise decode every batch on the CPU, in one thread, without a word."""
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    probe = encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    try:
+        decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(f"config key 'data.decode' = 'cuda' needs torchvision to decode JPEGs "
+                          f"on {device} (nvJPEG), which failed ({detail}); use "
+                          f"data.decode='cpu'") from None
+
+
 class GpuPipeline:
     """The training batches of a JpegFiles loader, decoded and augmented on ``device``; under
     DDP one per process (``rank`` of ``world``), each drawing its own crops and flips."""
@@ -125,6 +142,7 @@ class GpuPipeline:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # the prefetch thread sets it
             device = torch.device("cuda", torch.cuda.current_device())
+        _check_decoder(device)
         self.device, self.size, self.mean, self.std, self.seed = device, size, mean, std, seed
         self.rank, self.world = rank, world
 
