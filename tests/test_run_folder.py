@@ -147,6 +147,21 @@ def test_a_swap_interrupted_by_a_kill_is_completed(old_run):
     assert before[ckpt.CHECKPOINT] == (old_run / ckpt.PREVIOUS).read_bytes()
 
 
+def test_overwrite_whose_old_run_was_removed_meanwhile_keeps_the_new_run(old_run):
+    """The old run deleted by hand while the new one trains: the swap has nothing to swap with,
+    and the new run (its first checkpoint written) must still become the run folder."""
+    folder = RunFolder(old_run, resume=False, overwrite=True)
+    try:
+        folder.create()
+        (folder.path / ckpt.CHECKPOINT).write_bytes(b"new run")
+        shutil.rmtree(old_run)
+        folder.commit()
+    finally:
+        folder.release()
+    assert (old_run / ckpt.CHECKPOINT).read_bytes() == b"new run"
+    assert sorted(p.name for p in old_run.parent.iterdir()) == ["digits"]
+
+
 def test_runs_dir_that_cannot_hold_folders_is_a_config_error(tmp_path):
     (tmp_path / "file").write_text("mine")
     with pytest.raises(ConfigError, match=r"config key 'runs_dir' must be a folder this process "

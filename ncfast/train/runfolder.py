@@ -158,11 +158,14 @@ class RunFolder:
         first checkpoint) and delete the old run. A no-op otherwise."""
         if self.staging is None:
             return
-        _exchange(self.staging, self.final)
-        if self.staging.is_symlink():  # the run folder was a link: drop it, keep its target
-            self.staging.unlink()
+        if not os.path.lexists(self.final):  # the old run was removed meanwhile: no swap
+            os.rename(self.staging, self.final)
         else:
-            shutil.rmtree(self.staging)
+            _exchange(self.staging, self.final)
+            if self.staging.is_symlink():  # the run folder was a link: drop it, keep its target
+                self.staging.unlink()
+            else:
+                shutil.rmtree(self.staging)
         self.staging, self.path = None, self.final
 
     def release(self) -> None:
