@@ -74,6 +74,23 @@ def test_measure_reports_empty_classes_by_name():
     assert result.stats.counts[2].item() == 0
 
 
+def test_nc4_leaves_out_classes_without_samples():
+    """NC4's nearest mean ranges over the classes that have samples (theory.md 5.6, as the
+    reference): an empty class's zero mean row was nearest to the samples near the origin."""
+    torch.manual_seed(0)
+    fc = nn.Linear(4, 3).double()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(2).repeat_interleave(50)  # class 2 has no samples
+    feats = torch.tensor([[0.2] * 4, [3.0] * 4], dtype=torch.float64)[labels] + 0.3 * torch.randn(
+        100, 4, generator=g, dtype=torch.float64)
+    result = ncfast.measure(nn.Sequential(nn.Identity(), fc),
+                            DataLoader(TensorDataset(feats, labels), batch_size=16),
+                            dtype=torch.float64)
+    ref = reference.class_stats(feats, labels, 3, weight=fc.weight, bias=fc.bias)
+    assert result.empty_classes == [2]
+    assert result.metrics.nc4 == metrics.nc4(ref) == 0.5
+
+
 def test_measure_rejects_a_non_linear_classifier():
     model, inputs, labels = make_model_and_data()
     with pytest.raises(TypeError, match="classifier must be an nn.Linear, got ReLU"):

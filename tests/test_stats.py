@@ -125,6 +125,32 @@ def test_nc4_count_matches_reference(device):
     assert 0 < second.nc4_mismatches.item() < len(labels)  # the fixture is not trivial
 
 
+def close_classes_on_an_offset(offset, K=10, d=256, n=40, seed=0):
+    """float32 features of classes about 1 apart on a common offset (float32 rounds ||mu||^2
+    by about 0.3 at offset 100), a classifier and the float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 0.05 * torch.randn(K, d, generator=g, dtype=torch.float64)
+    labels = torch.arange(K).repeat_interleave(n)
+    feats = (offset + centres[labels] + 0.01 * torch.randn(K * n, d, generator=g,
+                                                            dtype=torch.float64)).float()
+    weight = torch.randn(K, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(K, generator=g, dtype=torch.float64)
+    return feats, labels, weight, bias
+
+
+def test_float32_nc4_under_a_large_common_offset(device):
+    """NC4's nearest means are found about a common point: expanded about the origin,
+    ||mu_k||^2 - 2 h.mu_k lost the class differences to float32 rounding (a third of the
+    samples' nearest means were wrong at offset 100)."""
+    feats, labels, weight, bias = close_classes_on_an_offset(100.0)
+    ref = reference.class_stats(feats.double(), labels, 10, weight=weight, bias=bias)
+    first = stream(feats, labels, 10, 64, device=device)
+    second = stream(feats, labels, 10, 64, device=device, nc4_weight=weight.float(),
+                    nc4_bias=bias.float(), nc4_means=first.means)
+    assert ref.nc4_mismatches.item() > 0  # not trivial: the classifier is random
+    assert second.nc4_mismatches.item() == ref.nc4_mismatches.item()
+
+
 def test_state_dict_round_trip_and_reset(device):
     feats, labels = mixture(3, 4, 10, 0.1)
     stats = stream(feats, labels, 3, 8, device=device)
