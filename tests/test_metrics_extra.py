@@ -230,6 +230,22 @@ def test_float32_state_matches_the_float64_reference():
     assert metrics.gnc2(s)["log"].mean == pytest.approx(metrics.gnc2(ref)["log"].mean, rel=1e-5)
 
 
+def test_float32_nearest_means_under_a_large_common_offset():
+    """Nearest class means about μ_G: about the origin, float32 rounding of ||μ_k||^2 - 2 h.μ_k
+    (0.3 at offset 100, d = 256) swamped the classes' distances and NCC accuracy read 0.34."""
+    g = torch.Generator().manual_seed(0)
+    K, d, n = 10, 256, 40
+    centres = 0.05 * torch.randn(K, d, generator=g, dtype=F64)
+    y = torch.arange(K).repeat_interleave(n)
+    h = (100.0 + centres[y] + 0.01 * torch.randn(K * n, d, generator=g, dtype=F64)).float()
+    s = ncfast.ClassStats(K, d)
+    s.update(h, y)
+    p = metrics.PerSampleStats(s)
+    p.update(h, y)
+    nearest = torch.cdist(h.double(), reference.class_stats(h, y, K).means).argmin(1)
+    assert p.ncc_accuracy() == (nearest == y).double().mean().item() == 1.0
+
+
 def test_collapsed_simplex_etf_values():
     """Features on a simplex ETF, W the centred means: uniform pairs (zero variance), perfect
     duality (UNC3 = 0, distances 0), margin K/(K-1), NCC exact, rank-one classes."""
