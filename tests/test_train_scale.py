@@ -212,3 +212,54 @@ def test_gpu_decode_without_a_device_jpeg_decoder_is_refused_up_front(tmp_path, 
                         "data.augment=imagenet", "data.batch_size=2", "data.decode=cuda",
                         "model.hidden=[8]", "epochs=1", "device=cpu"]))
     assert not (tmp_path / "digits").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss, precision", [("mse", "fp32"), ("ce", "bf16")])
+def test_cuda_training_steps_read_nothing_back_from_the_device(tmp_path, loss, precision):
+    """A training step (forward, loss, backward, SGD with a per-step warm-up, the running loss
+    and accuracy sums) with batches already on the device, under
+    torch.cuda.set_sync_debug_mode('error'): any host synchronisation inside it raises."""
+    import ncfast
+    from ncfast.train import loop
+    from ncfast.train.models import build_model
+    from ncfast.train.report import Progress
+
+    cfg = quick(tmp_path, "device=cuda", f"loss.name={loss}", f"precision={precision}",
+                "model.batch_norm=true", "schedule.warmup_epochs=1")
+    device = torch.device("cuda")
+    model = build_model(cfg.model, 10, (16,)).to(device)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(40, 16, generator=gen).to(device),
+                torch.randint(0, 10, (40,), generator=gen).to(device)) for _ in range(4)]
+
+    class Sampler:
+        def set_epoch(self, epoch, start=0):
+            pass
+
+    class OnDevice:  # a training loader's interface; the steps run under the sync check
+        batch_size, sampler = 40, Sampler()
+
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield from batches
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        with ncfast.cuda_target_checks(False):  # as run() trains
+            seconds, loss_mean, accuracy, samples, lr = loop._train_epoch(
+                cfg, model, params, OnDevice(), None, optimizer,
+                torch.amp.GradScaler("cuda", enabled=False), loop.loss_function(cfg.loss),
+                device, 1, Progress(False), loop._Dist(), None, lambda *args: None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert samples == 160 and lr == pytest.approx(0.1)  # the warm-up's last step: the peak
