@@ -186,10 +186,8 @@ def test_two_process_gloo_sync_is_exact(tmp_path):
     assert (results[0]["plain_local"], results[1]["plain_local"]) == (len(labels), 0)
 
 
-def test_lightning_callback_measures_at_the_chosen_epochs(tmp_path):
-    lightning = pytest.importorskip("lightning.pytorch")
-    from ncfast.integrations import NeuralCollapseCallback
-
+def lightning_classifier(lightning):
+    """A small LightningModule and its loader (4 batches per epoch)."""
     feats, labels = data(K=3, d=5, n=40, seed=5)
     dataset = torch.utils.data.TensorDataset(feats.float(), labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=32)
@@ -211,7 +209,14 @@ def test_lightning_callback_measures_at_the_chosen_epochs(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     torch.manual_seed(0)
-    module = Classifier()
+    return Classifier(), loader
+
+
+def test_lightning_callback_measures_at_the_chosen_epochs(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    from ncfast.integrations import NeuralCollapseCallback
+
+    module, loader = lightning_classifier(lightning)
     callback = NeuralCollapseCallback(loader, every_n_epochs=0, epochs=[2])
     logger = lightning.loggers.CSVLogger(tmp_path, name="run")
     trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=logger,
@@ -230,6 +235,22 @@ def test_lightning_callback_measures_at_the_chosen_epochs(tmp_path):
     assert [float(r["nc/epoch"]) for r in rows] == [0, 2, 3]
     assert float(rows[-1]["nc/nc1"]) == pytest.approx(final.metrics.nc1)
     assert float(rows[-1]["nc/accuracy"]) == pytest.approx(final.accuracy)
+
+
+def test_lightning_callback_without_an_epoch_limit_measures_only_the_chosen_epochs():
+    """max_epochs=-1 (Lightning's "no limit", and what max_steps alone sets) has no last
+    epoch: every epoch counted as the last one and was measured."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from ncfast.integrations import NeuralCollapseCallback
+
+    module, loader = lightning_classifier(lightning)
+    callback = NeuralCollapseCallback(loader, every_n_epochs=0, epochs=[2])
+    trainer = lightning.Trainer(max_epochs=-1, max_steps=12, accelerator="cpu", logger=False,
+                                callbacks=[callback], enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert trainer.current_epoch == 3  # three epochs of 4 steps ran
+    assert [epoch for epoch, _ in callback.history] == [0, 2]
 
 
 def test_lightning_callback_checks_its_arguments():

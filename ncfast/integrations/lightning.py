@@ -25,7 +25,8 @@ class NeuralCollapseCallback(Callback):
     An epoch here counts *completed* training epochs: 0 is before training (measured when
     ``fit`` starts), e is after the e-th epoch. The callback measures at epoch 0, every
     ``every_n_epochs`` epochs, at every epoch listed in ``epochs``, and after the last epoch
-    (``max_epochs``); pass ``every_n_epochs=0`` to measure only at ``epochs``.
+    (``max_epochs``, when the trainer has an epoch limit); pass ``every_n_epochs=0`` to measure
+    only at ``epochs``.
 
     ``loader`` yields ``(inputs, labels)``: use the training set *without* augmentation, as
     the paper does. Without it the trainer's training loader is used (augmented if the data
@@ -82,5 +83,6 @@ class NeuralCollapseCallback(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
-        if self._due(epoch, last=trainer.max_epochs is not None and epoch >= trainer.max_epochs):
+        limit = trainer.max_epochs  # None or -1: no epoch limit, so no last epoch to measure
+        if self._due(epoch, last=limit is not None and limit >= 0 and epoch >= limit):
             self._measure(trainer, pl_module, epoch)
