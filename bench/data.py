@@ -18,7 +18,8 @@ import torch
 
 import ncfast
 from ncfast.train import load
-from ncfast.train.data import IMAGENET_MEAN, IMAGENET_STD, close_workers, image_folder, loaders
+from ncfast.train.data import (IMAGENET_MEAN, IMAGENET_STD, close_workers, epoch_batches,
+                               image_folder, loaders)
 from ncfast.train.gpu_decode import GpuPipeline, augment, decode
 
 from . import harness
@@ -107,9 +108,7 @@ def batches(cfg, device: torch.device):
         epoch = 0
         while True:
             epoch += 1
-            train.sampler.set_epoch(epoch)
-            train.generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            source = iter(train) if gpu is None else gpu.batches(iter(train), epoch, 0)
+            source = epoch_batches(train, cfg.seed, epoch, gpu=gpu)
             for x, y in source:
                 yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
     finally:

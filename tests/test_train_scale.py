@@ -8,8 +8,8 @@ from test_train import QUICK, killed_then_resumed, quick
 
 from ncfast.train import ConfigError, load, run
 from ncfast.train import checkpoint as ckpt
-from ncfast.train.data import (SeededAugment, TrainOrder, class_subset, derived_seed,
-                               load_splits)
+from ncfast.train.data import (SeededAugment, Splits, TrainOrder, class_subset, derived_seed,
+                               epoch_batches, load_splits, loaders)
 from ncfast.train.loop import peak_lr, warmup_factor
 
 
@@ -91,6 +91,29 @@ def test_training_order_is_torch_distributed_samplers_and_resumes_at_a_position(
     plain = TrainOrder(n, 0, 1, seed=6)
     plain.set_epoch(2)
     assert list(keyed) == [(i, 2) for i in plain]
+
+
+def test_a_resumed_epoch_gets_the_rest_of_the_epochs_batches():
+    """epoch_batches from step k (a mid-epoch resume) gives batches k, k+1, ... of the epoch,
+    augmentations included, whatever the global generator holds; another epoch, another
+    order."""
+    class Noisy(torch.utils.data.Dataset):  # a randomly augmented data set
+        def __len__(self):
+            return 23
+
+        def __getitem__(self, i):
+            return torch.rand(3) + i, i % 2
+
+    cfg = load(None, ["data.batch_size=4"]).data
+    splits = Splits(Noisy(), Noisy(), Noisy(), 2, (3,))
+    train = loaders(splits, cfg, 6, 0, 1, cuda=False)[0]
+    whole = list(epoch_batches(train, 6, epoch=3))
+    torch.manual_seed(123)
+    rest = list(epoch_batches(train, 6, epoch=3, first_step=2))
+    assert len(whole) == 6 and len(rest) == 4
+    for (xa, ya), (xb, yb) in zip(whole[2:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(whole[0][0], next(epoch_batches(train, 6, epoch=4))[0])
 
 
 def test_augmentation_seeds_are_per_sample_and_leave_the_callers_generator_alone():

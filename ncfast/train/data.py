@@ -359,6 +359,18 @@ def loaders(splits: Splits, cfg: DataConfig, seed: int, rank: int, world: int, c
     return train, train_eval, test
 
 
+def epoch_batches(train: DataLoader, seed: int, epoch: int, first_step: int = 0, gpu=None):
+    """The batches of ``epoch`` from the training loader of :func:`loaders`, from step
+    ``first_step`` on (a resumed epoch): the order from (seed, epoch), the workers' seeds from
+    (seed, epoch) too, not from the global generator (which a resumed run restores to its
+    state at the checkpoint, after the loader was made); through ``gpu`` (a
+    gpu_decode.GpuPipeline) with data.decode='cuda'."""
+    train.sampler.set_epoch(epoch, start=first_step * train.batch_size)
+    train.generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    batches = iter(train)
+    return batches if gpu is None else gpu.batches(batches, epoch, first_step)
+
+
 OOD_MAX_SAMPLES = 10_000
 OOD_SEED_OFFSET = 0x0D0D  # the OOD draws never share a generator state with the data's
 

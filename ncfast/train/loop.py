@@ -26,7 +26,7 @@ from . import config as config_mod
 from . import logs, report, sync_batch_norm
 from .config import ConfigError, TrainConfig, peak_lr
 from .data import (IMAGENET_MEAN, IMAGENET_STD, JpegFiles, class_subset, close_workers,
-                   load_splits, loaders, ood_loader)
+                   epoch_batches, load_splits, loaders, ood_loader)
 from .gpu_decode import GpuPipeline
 from .models import build_model
 from .runfolder import RunFolder
@@ -567,19 +567,15 @@ def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, devi
     them). A checkpoint's sums are those of every process: rank 0 resumes with them."""
     net.train()
     within = within or ckpt.EpochProgress()
-    loader.sampler.set_epoch(epoch, start=within.step * loader.batch_size)
     if d.rank != 0:
         within = dataclasses.replace(within, loss_sum=0.0, correct=0, seen=0)
-    # Loader seeds from (seed, epoch), not from the global generator (which a resumed epoch
-    # restores to its state at the checkpoint, after the loader was made).
-    loader.generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
     wd = cfg.optim.weight_decay
     loss_sum = torch.tensor(within.loss_sum, device=device, dtype=torch.float64)
     correct = torch.tensor(within.correct, device=device, dtype=torch.int64)
     seen = within.seen
     batches = len(loader)
     start = time.perf_counter() - within.seconds
-    batches_iter = iter(loader) if gpu is None else gpu.batches(iter(loader), epoch, within.step)
+    batches_iter = epoch_batches(loader, cfg.seed, epoch, within.step, gpu)
     lr = optimizer.param_groups[0]["lr"]
     for i, (x, y) in enumerate(batches_iter, within.step + 1):
         x = x.to(device, non_blocking=True)
