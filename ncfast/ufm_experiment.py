@@ -313,6 +313,7 @@ def run(
               f"UFM K={K}, d={d}, n={n}, λ_W={lambda_W:g}, λ_H={lambda_H:g}: Hessian at the NC "
               f"optimum vs α and M (lines: closed form λ_par/λ_perp; Lanczos λ_max/λ_min^+)")
     else:
+        png.unlink(missing_ok=True)  # under --overwrite: a plot of another run's sweep
         notes.append("no case of the sweep is covered: curvature.png not written")
     elapsed = time.perf_counter() - t0
     results = {

@@ -81,9 +81,12 @@ def test_curvature_matches_theory_table():
 
 def test_skips_uncovered_cases(tmp_path):
     # d = 2 < K-1 = 3: rescaled (F) has no closed form; plain (F) is covered but 4.7 needs d >= K
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "curvature.png").write_bytes(b"an earlier run's plot")
     res = ufm_experiment.run(tmp_path / "r", K=4, d=2, n=3, steps=1, alphas=(1, 5), Ms=(1,),
-                             quiet=True)
-    assert res["curvature"]["cases"] == []
+                             quiet=True, overwrite=True)
+    assert res["curvature"]["cases"] == [] and res["files"]["plot"] is None
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["results.json"]
     reasons = [s["reason"] for s in res["curvature"]["skipped"]]
     assert len(reasons) == 2 and any("no closed form" in r for r in reasons)
     assert any("skipped" in note for note in res["notes"])
