@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import metrics as _metrics
 from .metrics import FeatureMean, NCMetrics, PerSampleStats, all_metrics
+from .metrics.core import check_distance_exponent
 from .stats import ClassStats
 
 # Extra metrics (theory.md 5.10-5.12) that measure reports on request; "unc3" is cheap
@@ -159,7 +160,12 @@ def measure(
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise ValueError(f"ncfast.measure: cache_bytes must be an int >= 0, got {cache_bytes!r}")
     extras = _check_extras(extras, ood_loader)
-    cdnv_exponents = tuple(cdnv_exponents)
+    if isinstance(cdnv_exponents, (str, bytes)) or not isinstance(cdnv_exponents, Iterable):
+        raise TypeError(f"ncfast.measure: cdnv_exponents must be a collection of numbers, got "
+                        f"{type(cdnv_exponents).__name__}")
+    # checked before the data are swept; a bad value is an error, never an undefined metric
+    cdnv_exponents = tuple(check_distance_exponent("ncfast.measure", "each of cdnv_exponents", p)
+                           for p in cdnv_exponents)
     per_sample_extras = [e for e in extras if e in PER_SAMPLE_EXTRAS]
     classifier = classifier if classifier is not None else final_linear(model)
     if not isinstance(classifier, nn.Linear):

@@ -1,6 +1,8 @@
 """ncfast.measure on a small model: metrics equal the float64 reference on hooked features,
 accuracy, eval mode restored, empty classes reported, and a 2-process gloo run equal to 1."""
 
+import re
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -184,3 +186,23 @@ def test_measure_rejects_unknown_extras_and_nc5_without_ood_data():
         ncfast.measure(model, [(inputs, labels)], extras=("nc9",))
     with pytest.raises(ValueError, match="extras 'nc5' needs ood_loader=<out-of-distribution"):
         ncfast.measure(model, [(inputs, labels)], extras=("nc5",))
+
+
+class NeverIterated:
+    def __iter__(self):
+        raise AssertionError("the data were swept before the arguments were checked")
+
+
+@pytest.mark.parametrize("exponents, error, message", [
+    ((0,), ValueError, "each of cdnv_exponents must be a finite number > 0, got 0"),
+    ((2, float("nan")), ValueError, "each of cdnv_exponents must be a finite number > 0, got nan"),
+    (("2",), ValueError, "each of cdnv_exponents must be a finite number > 0, got '2'"),
+    (2.0, TypeError, "cdnv_exponents must be a collection of numbers, got float"),
+], ids=["zero", "nan", "str", "scalar"])
+@pytest.mark.parametrize("undefined", ["raise", "none"])
+def test_measure_checks_cdnv_exponents_before_the_sweep(exponents, error, message, undefined):
+    """A bad exponent is an argument error before the model runs, whatever ``undefined`` says
+    (it was reported as an undefined cdnv_p0 under "none", after a sweep over the data)."""
+    model, _, _ = make_model_and_data()
+    with pytest.raises(error, match=re.escape(f"ncfast.measure: {message}")):
+        ncfast.measure(model, NeverIterated(), cdnv_exponents=exponents, undefined=undefined)

@@ -613,11 +613,15 @@ def cdnv(
     op = _name("cdnv")
     prep = _prepare(op, stats, "weighted", classes)
     tile = check_tile(op, tile, prep.means.shape[0])
-    if isinstance(distance_exponent, bool) or not isinstance(distance_exponent, (int, float)) \
-            or not math.isfinite(distance_exponent) or distance_exponent <= 0:
-        raise ValueError(f"{op}: distance_exponent must be a finite number > 0, got "
-                         f"{distance_exponent!r}")
-    return _cdnv(op, prep.means, _variances(op, stats, prep), tile, float(distance_exponent))
+    p = check_distance_exponent(op, "distance_exponent", distance_exponent)
+    return _cdnv(op, prep.means, _variances(op, stats, prep), tile, p)
+
+
+def check_distance_exponent(op: str, name: str, p) -> float:
+    """CDNV's distance exponent p as a float: a finite number > 0."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {p!r}")
+    return float(p)
 
 
 @dataclass(frozen=True)
