@@ -71,6 +71,48 @@ def test_resume_refuses_to_end_before_a_mid_epoch_checkpoint(tmp_path, monkeypat
     assert [r["epoch"] for r in result.records if r["kind"] == "train"] == [1, 2]
 
 
+def test_a_mid_epoch_resume_restores_the_random_state_dropout_draws_from(tmp_path,
+                                                                        monkeypatch):
+    """A user's model with dropout (the global generator, every step), stopped just after a
+    checkpoint inside epoch 2, during the warm-up, and resumed from another generator state:
+    the same records and weights as the uninterrupted run."""
+    from torch import nn
+    from test_train import strip_times
+
+    class Dropped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.3))
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    class Killed(Exception):
+        pass
+
+    save = ckpt.save
+
+    def save_then_stop(path, payload, keep_previous=True):
+        save(path, payload, keep_previous)
+        if payload["within_epoch"] is not None and payload["epoch"] == 1:
+            raise Killed
+
+    args = ["epochs=3", "checkpoint_every_steps=7", "optim.lr_reference_batch=20",
+            "schedule.warmup_epochs=2"]
+    full = run(quick(tmp_path, "name=full", *args), model=Dropped())
+    monkeypatch.setattr(ckpt, "save", save_then_stop)
+    with pytest.raises(Killed):
+        run(quick(tmp_path, "name=cut", *args), model=Dropped())
+    monkeypatch.setattr(ckpt, "save", save)
+    torch.manual_seed(999)
+    resumed = run(quick(tmp_path, "name=cut", *args), resume=True, model=Dropped())
+    assert strip_times(resumed.records) == strip_times(full.records)
+    a, b = (ckpt.load(tmp_path / name / ckpt.CHECKPOINT)["model"] for name in ("full", "cut"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_training_order_is_torch_distributed_samplers_and_resumes_at_a_position():
     from torch.utils.data import DistributedSampler
 
