@@ -290,7 +290,24 @@ def test_bad_batch_leaves_the_second_pass_state_as_it_was():
     assert p.margins().numel() == 20
 
 
+def _nf_ratio(stats, classes):
+    h, y, _, _ = make("unbalanced")
+    p = metrics.PerSampleStats(stats, class_scatter=True, dtype=F64)
+    p.update(h, y)
+    return p.nf_ratio(classes=classes)
+
+
+_NF = "ncfast.metrics.PerSampleStats.nf_ratio: classes must "
 ERRORS = {
+    # nf_ratio's classes follow the metrics' rules (a -1 was read as the last class, a 6 or a
+    # repeat was an IndexError or counted twice, an empty selection gave NaN)
+    "nf-negative": (lambda s, W: _nf_ratio(s, [0, -1]), ValueError, _NF + "be in [0, 6), got [-1]"),
+    "nf-too-large": (lambda s, W: _nf_ratio(s, [6]), ValueError, _NF + "be in [0, 6), got [6]"),
+    "nf-repeat": (lambda s, W: _nf_ratio(s, [2, 2]), ValueError,
+                  _NF + "not repeat, got [2] more than once"),
+    "nf-float": (lambda s, W: _nf_ratio(s, [0.5]), ValueError,
+                 _NF + "be a 1-D integer tensor of class indices, got 1-D torch.float32 tensor"),
+    "nf-empty": (lambda s, W: _nf_ratio(s, []), ValueError, _NF + "select at least one class"),
     "gnc2-kernel": (lambda s, W: metrics.gnc2(s, kernels=("cosine",)), ValueError,
                     "ncfast.metrics.gnc2: kernels must be a non-empty subset of ['distance', "
                     "'log', 'riesz'], got ['cosine']"),

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..stats import check_state_version, checked_state_tensors
-from .core import ClassStatistics, EmptyClassError, _check_stats
+from .core import ClassStatistics, EmptyClassError, _check_stats, _class_indices
 
 _F64 = torch.float64
 MARGIN_KINDS = ("centred", "official")
@@ -278,8 +278,9 @@ class PerSampleStats:
         self._need("nf_ratio", self._scatter, "built with class_scatter=False")
         n = self._class_n
         idx = (n > 0).nonzero().flatten() if classes is None else \
-            torch.arange(self.num_classes, device=self.device)[torch.as_tensor(
-                classes, device=self.device)]
+            _class_indices(op, classes, self.num_classes, self.device)
+        if not idx.numel():
+            raise ValueError(f"{op}: classes must select at least one class")
         empty = idx[n[idx] == 0].tolist()
         if empty:
             raise EmptyClassError(f"{op}: classes {empty} have no samples", empty)
