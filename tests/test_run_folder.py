@@ -58,6 +58,14 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, content, flags):
     assert tree_bytes(tmp_path) == before
 
 
+def test_the_readme_names_every_file_a_run_folder_may_hold():
+    """The README's list is the rule users read: a file it leaves out looks foreign to them."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("*Run folders*", 1)[1].split(") is", 1)[0]
+    names = [name.rstrip("/") for name in ckpt.RUN_FILES if not name.startswith(".")]
+    assert [n for n in names if f"`{n}`" not in listed and f"`{n}/`" not in listed] == []
+
+
 def test_a_file_in_the_way_is_never_replaced(tmp_path):
     (tmp_path / "digits").write_text("mine")
     with pytest.raises(ConfigError, match=r"run folder '.*digits' exists and is not a folder"):
