@@ -47,23 +47,29 @@ def test_checkpoints_every_n_steps_are_written_at_those_steps_only(tmp_path, mon
     assert saved == [(1, 10), (3, None), (4, None)]
 
 
-def test_resume_refuses_to_end_before_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
-    """A run stopped just after a checkpoint inside epoch 2, resumed with epochs=1: refused
-    (it would train nothing and end on a partial epoch's weights); epochs=2 finishes it."""
-    class Killed(Exception):
+def stopped_after_a_checkpoint_inside_epoch(epoch: int, monkeypatch, train) -> None:
+    """``train()``, stopped (as by a kill) right after its first checkpoint inside ``epoch``."""
+    class Stopped(Exception):
         pass
 
     save = ckpt.save
 
     def save_then_stop(path, payload, keep_previous=True):
         save(path, payload, keep_previous)
-        if payload["within_epoch"] is not None:
-            raise Killed
+        if payload["within_epoch"] is not None and payload["epoch"] == epoch - 1:
+            raise Stopped
 
     monkeypatch.setattr(ckpt, "save", save_then_stop)
-    with pytest.raises(Killed):
-        run(quick(tmp_path, "epochs=2", "checkpoint_every_steps=25"))
+    with pytest.raises(Stopped):
+        train()
     monkeypatch.setattr(ckpt, "save", save)
+
+
+def test_resume_refuses_to_end_before_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+    """A run stopped just after a checkpoint inside epoch 2, resumed with epochs=1: refused
+    (it would train nothing and end on a partial epoch's weights); epochs=2 finishes it."""
+    stopped_after_a_checkpoint_inside_epoch(2, monkeypatch, lambda: run(
+        quick(tmp_path, "epochs=2", "checkpoint_every_steps=25")))
     with pytest.raises(ConfigError, match=r"cannot resume to epochs=1: the checkpoint is "
                                           r"inside epoch 2 \(after its step 5\)"):
         run(quick(tmp_path, "epochs=1", "checkpoint_every_steps=25"), resume=True)
@@ -89,23 +95,11 @@ def test_a_mid_epoch_resume_restores_the_random_state_dropout_draws_from(tmp_pat
         def forward(self, x):
             return self.fc(self.body(x))
 
-    class Killed(Exception):
-        pass
-
-    save = ckpt.save
-
-    def save_then_stop(path, payload, keep_previous=True):
-        save(path, payload, keep_previous)
-        if payload["within_epoch"] is not None and payload["epoch"] == 1:
-            raise Killed
-
     args = ["epochs=3", "checkpoint_every_steps=7", "optim.lr_reference_batch=20",
             "schedule.warmup_epochs=2"]
     full = run(quick(tmp_path, "name=full", *args), model=Dropped())
-    monkeypatch.setattr(ckpt, "save", save_then_stop)
-    with pytest.raises(Killed):
-        run(quick(tmp_path, "name=cut", *args), model=Dropped())
-    monkeypatch.setattr(ckpt, "save", save)
+    stopped_after_a_checkpoint_inside_epoch(2, monkeypatch, lambda: run(
+        quick(tmp_path, "name=cut", *args), model=Dropped()))
     torch.manual_seed(999)
     resumed = run(quick(tmp_path, "name=cut", *args), resume=True, model=Dropped())
     assert strip_times(resumed.records) == strip_times(full.records)
