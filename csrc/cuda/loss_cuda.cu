@@ -122,14 +122,15 @@ LabelCheck label_check(const at::Tensor& target, int32_t op = 0, bool always = f
 
 // ---- the loss of one row, by one warp
 
-// sum_j w_j (z_j - M [j = y])^2 for the warp's row; every lane returns the total. Each element
-// is weighted in place (no full sum of squares minus z_y^2, which cancels near collapse);
-// labels are only compared, never used as addresses.
+// sum_j w_j (z_j - M [j = y])^2 for the warp's row (0 <= y < K); every lane returns the total.
+// The off-target squares are summed apart from the target's term (no full sum of squares minus
+// z_y^2, which cancels near collapse), and that term is formed in float64 from the logit, as on
+// the CPU: z_y - M in float32 would carry M's rounding to float32 (up to 2^-24 |M|, e.g. for
+// M = 1.1), which near collapse is most of the residual.
 template <typename scalar_t, int VEC>
 __device__ __forceinline__ double warp_row_loss(const scalar_t* __restrict__ z, int64_t yi,
                                                 int64_t K, double k, double M, int lane) {
   using part_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const part_t kk = static_cast<part_t>(k), MM = static_cast<part_t>(M);
   const Pack<scalar_t, VEC>* row = reinterpret_cast<const Pack<scalar_t, VEC>*>(z);
   double s = 0;
 #pragma unroll 4
@@ -138,11 +139,14 @@ __device__ __forceinline__ double warp_row_loss(const scalar_t* __restrict__ z, 
     part_t t = 0;  // at most 8 terms in float32 before the float64 sum
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const bool on_target = p * VEC + e == yi;
-      const part_t r = static_cast<part_t>(pack.v[e]) - (on_target ? MM : part_t(0));
-      t += (on_target ? kk : part_t(1)) * r * r;
+      const part_t x = static_cast<part_t>(pack.v[e]);
+      t += p * VEC + e == yi ? part_t(0) : x * x;
     }
     s += static_cast<double>(t);
+  }
+  if (lane == (yi / VEC) % kWarp) {  // the lane whose packs held the target
+    const double r = static_cast<double>(z[yi]) - M;
+    s += k * r * r;
   }
   return warp_sum(s);
 }
