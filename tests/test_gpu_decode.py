@@ -156,7 +156,7 @@ def mixed_files(tmp_path):
     for i, (image, kind) in enumerate(cases):
         path = tmp_path / f"{i}.JPEG"
         image.save(path, format=kind, quality=95)
-        expected = torch.as_tensor(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
         out.append((file_bytes([path])[0], expected))
     return out
 
