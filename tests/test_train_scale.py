@@ -252,6 +252,30 @@ def test_gpu_decode_path_trains_end_to_end(tmp_path, device):
         run(load(None, [*args[:5], *args[6:], "name=crop-flip"]))
 
 
+def test_a_step_that_raises_leaves_no_prefetch_thread_behind(tmp_path, monkeypatch):
+    """data.decode='cuda' prepares batches a step ahead in a thread (on CUDA; forced here on
+    the CPU). A run that diverges mid-epoch stops it, and with it the loader it reads, even
+    while the caller still holds the error (and with it the epoch's frame)."""
+    import threading
+
+    from ncfast.train import gpu_decode
+    from ncfast.train.loop import TrainingDiverged
+
+    batches = gpu_decode.GpuPipeline.batches
+    monkeypatch.setattr(gpu_decode.GpuPipeline, "batches",
+                        lambda self, files, epoch, first_step, prefetch=None:
+                        batches(self, files, epoch, first_step, prefetch=True))
+    jpeg_tree(tmp_path, {"train": 8, "val": 1})
+    with pytest.raises(TrainingDiverged) as diverged:
+        run(load(None, [f"runs_dir={tmp_path}", "progress=false", "data.name=imagefolder",
+                        f"data.dir={tmp_path / 'data'}", "data.image_size=32",
+                        "data.augment=imagenet", "data.batch_size=2", "data.decode=cuda",
+                        "model.hidden=[8]", "optim.lr=1e30", "checkpoint_every_steps=1",
+                        "epochs=1", "device=cpu"]))
+    assert "training diverged in epoch 1" in str(diverged.value)
+    assert not [t for t in threading.enumerate() if t.name == "ncfast-gpu-decode"]
+
+
 def test_gpu_decode_without_a_device_jpeg_decoder_is_refused_up_front(tmp_path, monkeypatch):
     """A torchvision that cannot decode JPEGs on the device (no nvJPEG) is a ConfigError before
     anything is written, not a run that decodes every batch on the CPU's fallback path."""

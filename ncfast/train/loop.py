@@ -577,48 +577,52 @@ def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, devi
     start = time.perf_counter() - within.seconds
     batches_iter = epoch_batches(loader, cfg.seed, epoch, within.step, gpu)
     lr = optimizer.param_groups[0]["lr"]
-    for i, (x, y) in enumerate(batches_iter, within.step + 1):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if cfg.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        warm = warmup_factor(cfg, (epoch - 1) * batches + i - 1, batches)
-        scheduled = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:  # the scheduler keeps stepping the unwarmed lr
-            group["lr"] *= warm
-        lr = optimizer.param_groups[0]["lr"]
-        if cfg.optim.name == "lbfgs":
-            first: list = []
+    try:
+        for i, (x, y) in enumerate(batches_iter, within.step + 1):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            warm = warmup_factor(cfg, (epoch - 1) * batches + i - 1, batches)
+            scheduled = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:  # the scheduler keeps stepping the unwarmed lr
+                group["lr"] *= warm
+            lr = optimizer.param_groups[0]["lr"]
+            if cfg.optim.name == "lbfgs":
+                first: list = []
 
-            def closure():
+                def closure():
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = net(x)
+                    loss = loss_fn(logits, y)
+                    if not first:
+                        first.append((loss.detach(), logits.detach()))
+                    total = loss + 0.5 * wd * sum((p * p).sum() for p in params) if wd else loss
+                    total.backward()
+                    return total
+
+                optimizer.step(closure)
+                loss, logits = first[0]
+            else:
+                with _autocast(cfg, device):
+                    logits = net(x)
+                    loss = loss_fn(logits, y)
                 optimizer.zero_grad(set_to_none=True)
-                logits = net(x)
-                loss = loss_fn(logits, y)
-                if not first:
-                    first.append((loss.detach(), logits.detach()))
-                total = loss + 0.5 * wd * sum((p * p).sum() for p in params) if wd else loss
-                total.backward()
-                return total
-
-            optimizer.step(closure)
-            loss, logits = first[0]
-        else:
-            with _autocast(cfg, device):
-                logits = net(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        for group, value in zip(optimizer.param_groups, scheduled):
-            group["lr"] = value
-        loss_sum += loss.detach().double() * y.numel()
-        correct += (logits.argmax(1) == y).sum()
-        seen += y.numel()
-        progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
-                        time.perf_counter() - start, loss)
-        step_done(epoch, i, batches, lambda: ckpt.EpochProgress(
-            i, *_summed(loss_sum, correct, seen, d), time.perf_counter() - start))
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            for group, value in zip(optimizer.param_groups, scheduled):
+                group["lr"] = value
+            loss_sum += loss.detach().double() * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+            progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
+                            time.perf_counter() - start, loss)
+            step_done(epoch, i, batches, lambda: ckpt.EpochProgress(
+                i, *_summed(loss_sum, correct, seen, d), time.perf_counter() - start))
+    finally:  # a step that raises stops the prefetch thread (and frees its loader) now
+        if gpu is not None:
+            batches_iter.close()
     loss_total, correct_total, n = _summed(loss_sum, correct, seen, d)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
