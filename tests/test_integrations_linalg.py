@@ -83,6 +83,19 @@ def test_a_plain_callable_needs_its_size():
         as_linear_operator(A, 5)
 
 
+@needs_scipy
+def test_a_bfloat16_network_talks_to_scipy_in_float32():
+    model, x, y, _ = tiny_network(11)
+    model = model.to(torch.bfloat16)
+    op = hessian.network_operator(model, nn.functional.cross_entropy,
+                                  [(x.to(torch.bfloat16), y)])
+    linear = as_linear_operator(op)
+    v = np.random.default_rng(1).standard_normal(op.n)
+    assert linear.dtype == np.float32
+    want = op(torch.as_tensor(v, dtype=torch.bfloat16)).float().numpy()
+    np.testing.assert_array_equal(linear @ v, want)
+
+
 def test_curvlinops_operators_agree_with_ncfast_over_a_loader():
     curvlinops = pytest.importorskip("curvlinops")
     from ncfast.integrations import from_curvlinops, to_curvlinops

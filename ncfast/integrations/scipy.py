@@ -42,7 +42,8 @@ def as_linear_operator(hvp, n: int | None = None, *, dtype: torch.dtype | None =
     and the dtype is torch's default on the CPU.
 
     Each product converts the NumPy vector to a tensor of that dtype on that device (one
-    host-to-device copy on a GPU) and back; the operator reports the same NumPy dtype. The
+    host-to-device copy on a GPU) and back; the operator reports the same NumPy dtype (float32
+    for a bfloat16 operator: NumPy has no bfloat16, the products stay in bfloat16). The
     adjoint is the operator itself (a Hessian is symmetric), and ``matmat`` applies the
     product one column at a time. Example::
 
@@ -55,11 +56,12 @@ def as_linear_operator(hvp, n: int | None = None, *, dtype: torch.dtype | None =
     from scipy.sparse.linalg import LinearOperator
 
     flat, n, dtype, device = resolve(_OP, hvp, n, dtype, device)
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    host = torch.float32 if dtype == torch.bfloat16 else dtype  # NumPy has no bfloat16
+    np_dtype = torch.empty((), dtype=host).numpy().dtype
 
     def matvec(x):
         v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device)
-        return flat(v).detach().to("cpu").numpy().astype(np_dtype, copy=False)
+        return flat(v).detach().to("cpu", host).numpy().astype(np_dtype, copy=False)
 
     def matmat(X):
         X = np.asarray(X)
