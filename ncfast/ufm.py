@@ -996,15 +996,16 @@ def lbfgs(
         f_after = closure().item()  # also the gradient at the new point, for the stopping test
         small_grad = x.grad.abs().max().item() <= tolerance_grad
         stalled = f_before - f_after <= 1e-10 * max(1.0, abs(f_before))
-        if not small_grad and stalled and not restarted:
-            # No real progress with a nonzero gradient: curvature pairs gathered next to a
-            # saddle can leave L-BFGS taking steps of ~1e-5 for ever; restart its memory.
+        # No real progress with a nonzero gradient: curvature pairs gathered next to a saddle
+        # can leave L-BFGS taking steps of ~1e-5 for ever; restart its memory (once in a row).
+        restart = not small_grad and stalled and not restarted
+        converged = not restart and (torch.equal(before, x) or small_grad)
+        if it % record_every == 0 or converged or it == max_iter:
+            rec(it, *ufm.unflatten(x))
+        if restart:
             opt, restarted = new_optimizer(), True
             continue
         restarted = False
-        converged = torch.equal(before, x) or small_grad
-        if it % record_every == 0 or converged or it == max_iter:
-            rec(it, *ufm.unflatten(x))
         if converged:
             break
     W, H, b = (t.clone() if t is not None else None for t in ufm.unflatten(x.detach()))

@@ -480,3 +480,17 @@ def test_lbfgs_escapes_saddles(s):
                      for t in (sad.W, sad.H, sad.b))
         result = U.lbfgs(u, max_iter=600, init=init)
         assert result.objective[-1] == pytest.approx(f_star, rel=1e-9), seed
+
+
+@pytest.mark.parametrize("max_iter", [1, 3])
+def test_lbfgs_records_its_last_iterate_also_after_a_restart(max_iter):
+    """Next to a saddle the iteration stalls and restarts the memory; when that is the last
+    one, the path must still end at the point returned (res.f is f there)."""
+    u = U.UFM(4, 6, 3, 1e-2, 2e-2)
+    s = U.saddle(u, 1)
+    g = gen(0)
+    init = [t + 1e-6 * torch.randn(t.shape, generator=g, dtype=t.dtype) if t is not None
+            else None for t in (s.W, s.H, s.b)]
+    r = U.lbfgs(u, max_iter=max_iter, init=init)
+    assert r.steps[-1] == max_iter
+    assert r.f == float(u.objective(r.W, r.H, r.b))
