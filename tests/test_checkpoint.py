@@ -182,6 +182,18 @@ def test_hand_made_or_partial_checkpoints_are_refused_by_name(copy, edit, match)
     assert_refused(copy, match)
 
 
+@pytest.mark.parametrize("tensor, layout", [
+    (torch.eye(2).to_sparse(), r"layout torch.sparse_coo on device cpu"),
+    (torch.eye(2).to_sparse_csr(), r"layout torch.sparse_csr on device cpu"),
+    (torch.empty(2, device="meta"), r"layout torch.strided on device meta"),
+], ids=["sparse-coo", "sparse-csr", "meta"])
+def test_a_tensor_without_dense_data_is_refused_by_name(copy, tensor, layout):
+    """weights_only loads such tensors; the digest has no bytes to hash in them."""
+    rewrite(copy / ckpt.CHECKPOINT, lambda r: r["rng"].__setitem__("extra", tensor))
+    assert_refused(copy, r"checkpoint '.*checkpoint.pt': checkpoint entry payload\['rng'\]"
+                         r"\['extra'\] must be a dense tensor with data, got " + layout)
+
+
 def test_config_yaml_is_not_rewritten_before_the_load_succeeds(copy):
     (copy / ckpt.CONFIG).write_text((copy / ckpt.CONFIG).read_text() + "# my notes\n")
     rewrite(copy / ckpt.CHECKPOINT, lambda r: (r.pop("scaler"), resign(r)))

@@ -78,6 +78,9 @@ def atomic_write(path: Path, write) -> None:
 def _feed(h, obj, where: str) -> None:
     """Hash ``obj`` unambiguously: a type tag, then its size or value, recursively."""
     if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.is_meta:  # no bytes of its own to hash
+            raise TypeError(f"checkpoint entry {where} must be a dense tensor with data, got "
+                            f"layout {obj.layout} on device {obj.device.type}")
         t = obj.detach().cpu().contiguous()
         h.update(b"T" + f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
