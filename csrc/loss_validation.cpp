@@ -129,6 +129,7 @@ void raise_label_error(int32_t op, int64_t num_classes, int64_t ignore_index, in
 
 std::atomic<LabelErrorSlot*> g_slots{nullptr};
 std::atomic<void (*)(int)> g_rearm{nullptr};
+std::atomic<uint64_t> g_devices{0};  // bit d: device d, see mark_label_error_device
 
 }  // namespace
 
@@ -190,6 +191,19 @@ void raise_pending_label_errors() {
     if (op == kGuardBudgetError) raise_guard_budget_error(value, K);
     raise_label_error(op, K, ignore_index, value);
   }
+}
+
+void mark_label_error_device(int device) {
+  g_devices.fetch_or(uint64_t{1} << device);
+}
+
+std::vector<int64_t> label_error_devices() {
+  const uint64_t mask = g_devices.load();
+  std::vector<int64_t> devices;
+  for (int device = 0; device < kMaxDevices; ++device) {
+    if (mask >> device & 1) devices.push_back(device);
+  }
+  return devices;
 }
 
 bool cuda_target_checks_enabled() { return g_cuda_target_checks.load(); }

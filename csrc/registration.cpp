@@ -74,4 +74,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_target_checks", &ncfast::set_cuda_target_checks, pybind11::arg("enabled"));
   m.def("raise_pending_label_errors", &ncfast::raise_pending_label_errors,
         "Raise the first label error recorded on a CUDA device and not yet raised.");
+  m.def("label_error_devices", &ncfast::label_error_devices,
+        "The CUDA devices on which a loss kernel may have recorded a label error.");
 }

@@ -50,9 +50,13 @@ def check_errors() -> None:
     is raised, naming the value, by the first ncfast loss call (forward or backward, plain or
     linear loss) that starts after that kernel has finished on the device, or by this
     function, which waits for it. CPU labels raise at once, in the call that got them.
+
+    Only the devices where an ncfast loss kernel checked labels are waited for: synchronising
+    the others would create a CUDA context (hundreds of MiB) on every GPU of the machine in
+    each process of a torchrun job.
     """
     if torch.cuda.is_initialized():
-        for device in range(torch.cuda.device_count()):
+        for device in _C.label_error_devices():
             torch.cuda.synchronize(device)
     _C.raise_pending_label_errors()
 

@@ -275,6 +275,25 @@ def test_default_cuda_path_never_syncs():
     ncfast.check_errors()
 
 
+def test_check_errors_waits_only_for_devices_that_ran_checked_kernels(monkeypatch):
+    # Synchronising a device creates a CUDA context there (hundreds of MiB): under torchrun
+    # every process would take one on every GPU. check_errors waits for the devices where a loss
+    # kernel checked labels (none in this process: no CUDA kernel ran) and no other.
+    synchronised = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronised.append)
+    ncfast.check_errors()
+    assert synchronised == list(ncfast._C.label_error_devices()) == []
+
+
+@pytest.mark.cuda
+def test_label_error_devices_lists_the_devices_used():
+    ncfast.rescaled_mse_loss(torch.randn(2, 3, device="cuda"), torch.tensor([0, 1], device="cuda"))
+    assert torch.cuda.current_device() in ncfast._C.label_error_devices()
+    ncfast.check_errors()
+
+
 def test_cuda_target_checks_context_restores_the_setting():
     before = ncfast._C.cuda_target_checks_enabled()
     with pytest.raises(RuntimeError, match="inside"):

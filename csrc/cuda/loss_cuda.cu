@@ -116,6 +116,7 @@ LabelCheck label_check(const at::Tensor& target, int32_t op = 0, bool always = f
   }
   if (st.claims[device] == nullptr) {
     st.claims[device] = new at::Tensor(at::zeros({1}, target.options().dtype(at::kInt)));
+    mark_label_error_device(device);
   }
   return {st.device_slots + device, st.claims[device]->mutable_data_ptr<int>(), op};
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
@@ -62,6 +63,11 @@ void raise_guard_budget_error(int64_t count, int64_t budget);  // throws ValueEr
 void install_label_error_slots(LabelErrorSlot* slots, void (*rearm)(int device));
 // Raise (ValueError) the first label error recorded on any device and not yet raised.
 void raise_pending_label_errors();
+// The devices whose kernels may record an error (each marked by the CUDA back end on its first
+// checked call there): the ones ncfast.check_errors() waits for, so that it creates no CUDA
+// context on a device this process never used (one per GPU under torchrun otherwise).
+void mark_label_error_device(int device);
+std::vector<int64_t> label_error_devices();
 
 bool cuda_target_checks_enabled();
 bool set_cuda_target_checks(bool enabled);  // returns the previous setting
