@@ -157,6 +157,18 @@ def test_groups_are_labelled_by_what_differs_and_banded_over_seeds(tmp_path):
         "NC4 (paper's definition)"
 
 
+def test_only_a_step_schedule_has_lr_drops(tmp_path):
+    """A warm-up raises the lr every epoch and a cosine lowers it every epoch: neither is a
+    drop to mark (the ImageNet preset has both and got a dotted line at every epoch)."""
+    lrs = [0.1, 0.2, 0.3, 0.3, 0.03, 0.03]  # a warm-up, then a step
+    records = [{"kind": "train", "epoch": e + 1, "lr": lr} for e, lr in enumerate(lrs)]
+    step = Run(tmp_path, {"schedule.name": "step"}, records)
+    assert step.lr_drops() == [4]
+    assert Run(tmp_path, {"schedule.name": "cosine"}, records).lr_drops() == []
+    result = run(load(None, [*QUICK, f"runs_dir={tmp_path}", "schedule.name=cosine"]))
+    assert json.loads((result.run_dir / ckpt.PLOT_NUMBERS).read_text())["lr_drops"] == []
+
+
 def test_zero_values_are_drawn_on_the_symlog_axis(tmp_path):
     runs = [fake_run(tmp_path, "a", 0, 0.1)]
     data = plotting.draw(group_runs(runs), tmp_path / "nc.png", "t", plotting.FULL, columns=4)

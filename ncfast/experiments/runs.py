@@ -35,9 +35,12 @@ class Run:
         return [r for r in self.records if r.get("kind") == "nc" and r.get("split") == split]
 
     def lr_drops(self) -> list[int]:
-        """Epochs after which the learning rate changed (the schedule's drops)."""
+        """Epochs after which a step schedule lowered the learning rate (a warm-up's rises and
+        a cosine's decay, which change it every epoch, are not drops)."""
+        if self.config.get("schedule.name", "step") != "step":
+            return []
         train = [r for r in self.records if r.get("kind") == "train"]
-        return [b["epoch"] - 1 for a, b in zip(train, train[1:]) if b["lr"] != a["lr"]]
+        return [b["epoch"] - 1 for a, b in zip(train, train[1:]) if b["lr"] < a["lr"]]
 
 
 def read_config(run_dir: Path) -> dict:

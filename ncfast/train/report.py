@@ -61,10 +61,11 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     and loss against the epoch, train and test, learning-rate drops marked: the run's nc.png
     (and nc.json, the numbers behind it)."""
     from ..experiments.plotting import FULL, draw
-    from ..experiments.runs import Group, Run
+    from ..experiments.runs import Group, Run, read_config
 
-    if any(r["kind"] == "nc" for r in records):
-        draw([Group(title, [Run(path.parent, {}, records)])], path, title, FULL, columns=4)
+    if any(r["kind"] == "nc" for r in records):  # the run's config says what its schedule is
+        run = Run(path.parent, read_config(path.parent), records)
+        draw([Group(title, [run])], path, title, FULL, columns=4)
 
 
 # (record key, column) of the summary table: the paper's definitions first (docs/theory.md 5.9),
