@@ -266,6 +266,26 @@ def test_a_run_whose_config_yaml_is_not_a_config_is_named(tmp_path, command, con
     assert not is_finished(tmp_path / "run")
 
 
+def test_measure_takes_its_overrides_and_checks_its_device(tmp_path, capsys):
+    """`ncfast measure RUN data.eval_batch_size=7`: the override used to be taken for a second
+    run folder; a device torch cannot use was a traceback."""
+    runs = tmp_path / "sweep"
+    result = run(load(None, [*QUICK, "epochs=1", f"runs_dir={runs}", "name=seed=0",
+                             "track.keep_checkpoints=true"]))
+    posthoc.main([str(result.run_dir), "data.eval_batch_size=7", "--splits", "train"])
+    assert "2 records" in capsys.readouterr().out
+    for argv, message in (
+            (["data.eval_batch_size=0"], r"config key 'data.eval_batch_size' must be in "
+                                         r"\[1, 2\^31 - 1\], got 0"),
+            (["optim.lr=3"], r"overrides must be key=value with key one of data.dir, .*, got "
+                             r"'optim.lr=3'"),
+            (["--device", "foo"], r"--device must be cpu, cuda or cuda:N, got 'foo'")):
+        with pytest.raises(SystemExit, match=r"^ncfast measure: " + message):
+            posthoc.main([str(result.run_dir), *argv])
+    with pytest.raises(SystemExit, match=r"^ncfast measure: name at least one run folder"):
+        posthoc.main(["data.workers=0"])
+
+
 def test_measure_without_kept_checkpoints_says_how_to_get_them(tmp_path):
     result = run(load(None, [*QUICK, "epochs=1", f"runs_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"kept no checkpoints at its tracking epochs; train "

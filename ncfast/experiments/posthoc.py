@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..train import checkpoint as ckpt
-from ..train.config import ConfigError, from_dict
+from ..train.config import ConfigError, all_keys, from_dict
 from ..train.data import close_workers, load_splits, loaders
 from ..train.loop import loss_function, measure_split
 from ..train.models import build_model
@@ -80,37 +80,52 @@ def measure_run(run_dir: str | Path, splits: tuple[str, ...] = ("train", "test")
     return records
 
 
+ALLOWED = ("data.dir", "data.eval_batch_size", "data.workers", "track.nc4", "data.download")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ncfast measure",
         description="Measure NC1-NC4 (and every other metric of ncfast train) post hoc over the "
                     "checkpoints a run kept at its tracking epochs (train it with "
                     "track.keep_checkpoints=true); writes RUN/measured.jsonl.")
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    # One positional list: two (RUN..., KEY=VALUE...) would give argparse's greedy first one
+    # every item. An override is a config key '=' a value (and no existing path).
+    parser.add_argument("items", nargs="+", metavar="RUN or KEY=VALUE",
+                        help="run folders, and overrides of " + ", ".join(ALLOWED) +
+                             " (where the data lives now, how to read it)")
     parser.add_argument("--epochs", default=None,
                         help="comma-separated epochs (default: every kept checkpoint)")
     parser.add_argument("--splits", default="train,test", help="train, test or both")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="data.dir, data.eval_batch_size, data.workers, track.nc4 (where "
-                             "the data lives now, how to read it)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return parser
-
-
-ALLOWED = ("data.dir", "data.eval_batch_size", "data.workers", "track.nc4", "data.download")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    overrides = {}
-    for item in args.overrides:
+    runs, overrides = [], {}
+    for item in args.items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ALLOWED:
+        if not sep or key not in all_keys() or Path(item).exists():
+            runs.append(item)
+        elif key in ALLOWED:
+            overrides[key] = value
+        else:
             raise SystemExit(f"ncfast measure: overrides must be key=value with key one of "
                              f"{', '.join(ALLOWED)}, got {item!r}")
-        overrides[key] = value
+    if not runs:
+        raise SystemExit("ncfast measure: name at least one run folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"ncfast measure: --device must be cpu, cuda or cuda:N, got "
+                         f"{args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ncfast measure: --device cuda, but torch sees no CUDA device")
     epochs = None if args.epochs is None else int_list(args.epochs, "ncfast measure: --epochs")
-    for run in args.runs:
+    for run in runs:
         try:
             records = measure_run(run, tuple(args.splits.split(",")), epochs, args.device,
                                   overrides)
