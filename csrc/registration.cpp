@@ -37,8 +37,9 @@ TORCH_LIBRARY(ncfast, m) {
   // Class statistics (theory.md 5.8, shifted form): one pass over a batch. Row i of class k is
   // shifted by shift[k] (the class's reference point); returns per-class counts, sums and
   // squared norms of the shifted rows, and the shifted rows themselves (for one Gram product),
-  // all in the accumulate type of the features (= shift's dtype). Labels must be < K; a row
-  // with a negative label is skipped: it adds nothing and its shifted row is zero.
+  // all in the accumulate type of the features (= shift's dtype). A row whose label is outside
+  // [0, K) (ClassStats marks rows to leave out with -1) is skipped: it adds nothing and its
+  // shifted row is zero.
   m.def(
       "class_moments(Tensor features, Tensor labels, Tensor shift) -> "
       "(Tensor counts, Tensor sums, Tensor sq, Tensor shifted)");

@@ -318,12 +318,15 @@ def test_class_moments_in_place_equals_the_functional_op(device):
         torch.ops.ncfast.class_moments_(feats.T.contiguous().T, labels, shift)
 
 
-def test_class_moments_skips_negative_labels(device):
+@pytest.mark.parametrize("bad", [-1, 3, 2**40], ids=["negative", "K", "huge"])
+def test_class_moments_skips_labels_out_of_range(device, bad):
+    """Rows labelled -1 are how ClassStats leaves rows out; any label outside [0, K) is such a
+    row, never an address (a label of K or more wrote past the outputs)."""
     feats, labels = mixture(3, 5, 4, 0.5, dtype=torch.float64)
     shift = torch.randn(3, 5, dtype=torch.float64)
     skipped = labels.clone()
-    skipped[::3] = -1
-    kept = skipped >= 0
+    skipped[::3] = bad
+    kept = (skipped >= 0) & (skipped < 3)
     got = torch.ops.ncfast.class_moments(feats.to(device), skipped.to(device), shift.to(device))
     want = torch.ops.ncfast.class_moments(feats[kept], labels[kept], shift)
     for g, w in zip(got[:3], want[:3]):

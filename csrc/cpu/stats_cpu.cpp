@@ -40,7 +40,7 @@ void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
       acc_t* sq_total = sq.mutable_data_ptr<acc_t>();
       int64_t* n = counts.mutable_data_ptr<int64_t>();
       for (int64_t i = 0; i < B; ++i) {
-        if (y[i] >= 0) ++n[y[i]];
+        if (y[i] >= 0 && y[i] < K) ++n[y[i]];
       }
       // Threads own contiguous row blocks (streaming reads and writes); each block but the
       // first accumulates into its own (K, d) partial sums, added up at the end. Column blocks
@@ -59,7 +59,8 @@ void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
           for (int64_t i = B * b / blocks; i < B * (b + 1) / blocks; ++i) {
             const int64_t k = y[i];
             acc_t* oi = out + i * d;
-            if (k < 0) {  // a skipped row: adds nothing to the Gram product either
+            if (k < 0 || k >= K) {  // a skipped row (labels are never used as addresses out of
+                                    // range): adds nothing to the Gram product either
               std::fill(oi, oi + d, acc_t(0));
               continue;
             }

@@ -24,12 +24,15 @@ __global__ void __launch_bounds__(kThreads)
     class_moments_kernel(const scalar_t* x, const index_t* __restrict__ y,
                          const acc_t* __restrict__ shift, acc_t* shifted,  // may alias x
                          acc_t* __restrict__ sums, acc_t* __restrict__ sq,
-                         unsigned long long* __restrict__ counts, int64_t B, int64_t d) {
+                         unsigned long long* __restrict__ counts, int64_t B, int64_t d,
+                         int64_t K) {
   __shared__ acc_t partial[kThreads / 32];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
     const int64_t k = y[i];
     acc_t* oi = shifted + i * d;
-    if (k < 0) {  // a skipped row (the whole block takes this branch: one row per block)
+    // A skipped row (labels are never used as addresses out of range); the whole block takes
+    // this branch: one row per block.
+    if (k < 0 || k >= K) {
       for (int64_t j = threadIdx.x; j < d; j += kThreads) oi[j] = 0;
       continue;
     }
@@ -63,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
 void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
                         const at::Tensor& shift, const at::Tensor& shifted,
                         const at::Tensor& counts, const at::Tensor& sums, const at::Tensor& sq) {
-  const int64_t B = features.size(0), d = features.size(1);
+  const int64_t B = features.size(0), d = features.size(1), K = shift.size(0);
   if (B == 0 || d == 0) {
     return;
   }
@@ -77,7 +80,7 @@ void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
           features.const_data_ptr<scalar_t>(), labels.const_data_ptr<index_t>(),
           shift.const_data_ptr<acc_t>(), shifted.mutable_data_ptr<acc_t>(),
           sums.mutable_data_ptr<acc_t>(), sq.mutable_data_ptr<acc_t>(),
-          reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()), B, d);
+          reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()), B, d, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
