@@ -44,9 +44,12 @@ void class_moments_into(const at::Tensor& features, const at::Tensor& labels,
       }
       // Threads own contiguous row blocks (streaming reads and writes); each block but the
       // first accumulates into its own (K, d) partial sums, added up at the end. Column blocks
-      // measured slower: every thread then walks every row.
+      // measured slower: every thread then walks every row. The partial sums are kept no
+      // larger than the batch: at vocabulary-scale K, zeroing and adding a (K, d) block per
+      // thread would cost more than the rows themselves.
       const int64_t blocks =
-          std::clamp<int64_t>(B / 512, 1, static_cast<int64_t>(at::get_num_threads()));
+          std::clamp<int64_t>(std::min<int64_t>(B / 512, 1 + B / std::max<int64_t>(K, 1)), 1,
+                              static_cast<int64_t>(at::get_num_threads()));
       at::Tensor partial_sums, partial_sq;
       if (blocks > 1) {
         partial_sums = at::zeros({blocks - 1, K, d}, sums.options());
