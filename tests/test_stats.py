@@ -318,7 +318,7 @@ def test_class_moments_in_place_equals_the_functional_op(device):
         torch.ops.ncfast.class_moments_(feats.T.contiguous().T, labels, shift)
 
 
-@pytest.mark.parametrize("bad", [-1, 3, 2**40], ids=["negative", "K", "huge"])
+@pytest.mark.parametrize("bad", [-1, 3, 7], ids=["negative", "K", "above-K"])
 def test_class_moments_skips_labels_out_of_range(device, bad):
     """Rows labelled -1 are how ClassStats leaves rows out; any label outside [0, K) is such a
     row, never an address (a label of K or more wrote past the outputs)."""
