@@ -81,6 +81,21 @@ def test_jobs_and_threads_are_checked_where_runs_start(tmp_path, jobs, threads, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_options_may_sit_between_the_positionals(tmp_path, capsys):
+    """As in `ncfast train`: `ncfast sweep seed=0 --print loss.name=ce` was refused with
+    'unrecognized arguments: loss.name=ce' (and the same in plot, figure and measure)."""
+    sweep.main(["seed=0", "--print", "loss.name=ce", f"--runs-dir={tmp_path}"])
+    assert "seed=0 loss.name=ce name=seed=0__loss.name=ce" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^ncfast figure: --jobs must be an integer >= 1"):
+        figures.main(["loss", "--jobs", "0", "epochs=1", f"--out={tmp_path / 'f'}"])
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ckpt.CONFIG).write_text(f"name: {name}\nepochs: 2\n")
+        (tmp_path / name / ckpt.METRICS).write_text(json.dumps(nc_record(0, "train")) + "\n")
+    plotting.main([str(tmp_path / "a"), "--out", str(tmp_path / "p.png"), str(tmp_path / "b")])
+    assert "2 runs" in capsys.readouterr().out
+
+
 def test_a_bad_value_stops_the_sweep_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'optim.name' must be one of"):
         sweep.plan([(None, ["optim.name=sgd"]), (None, ["optim.name=adamm"])], tmp_path)
@@ -272,7 +287,7 @@ def test_measure_takes_its_overrides_and_checks_its_device(tmp_path, capsys):
     runs = tmp_path / "sweep"
     result = run(load(None, [*QUICK, "epochs=1", f"runs_dir={runs}", "name=seed=0",
                              "track.keep_checkpoints=true"]))
-    posthoc.main([str(result.run_dir), "data.eval_batch_size=7", "--splits", "train"])
+    posthoc.main([str(result.run_dir), "--splits", "train", "data.eval_batch_size=7"])
     assert "2 records" in capsys.readouterr().out
     for argv, message in (
             (["data.eval_batch_size=0"], r"config key 'data.eval_batch_size' must be in "

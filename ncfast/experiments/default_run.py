@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may sit between the positionals
     out = Path(args.out)
     seeds = int_list(args.seeds, "--seeds")
     threads = int_list(args.threads, "--threads")

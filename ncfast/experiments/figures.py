@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may sit between the positionals
     if args.list or not args.name:
         for name, f in FIGURES.items():
             data = "CIFAR-10" if f.paper_data == "cifar10" else "mini-ImageNet"

@@ -194,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may sit between the positionals
     try:
         runs = [load_run(p) for p in expand(args.runs)]
     except (FileNotFoundError, ConfigError) as err:

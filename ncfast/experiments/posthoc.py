@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may sit between the positionals
     runs, overrides = [], {}
     for item in args.items:
         key, sep, value = item.partition("=")

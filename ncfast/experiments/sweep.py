@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may sit between the positionals
     try:
         runs = plan([(args.config, o) for o in grid(args.axes)], Path(args.runs_dir) / args.name)
         if args.print_only:
