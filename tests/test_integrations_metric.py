@@ -81,7 +81,10 @@ def test_float32_state_stays_close_and_bad_input_keeps_the_state():
      "classifier must be an nn.Linear, got Conv1d"),
     (dict(num_classes=3, dim=3, undefined="nan"), ValueError,
      "undefined must be 'raise' or 'none', got 'nan'"),
-], ids=["no-classes", "not-linear", "bad-undefined"])
+    # at construction, not at the first compute() after an epoch of updates
+    (dict(num_classes=3, dim=3, global_mean="mean"), ValueError,
+     "global_mean must be 'weighted' or 'unweighted', got 'mean'"),
+], ids=["no-classes", "not-linear", "bad-undefined", "bad-global-mean"])
 def test_bad_arguments_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):
         NeuralCollapseMetric(**kwargs)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..metrics import all_metrics
+from ..metrics.core import _check_global_mean
 from ..stats import ClassStats
 
 __all__ = ["NeuralCollapseMetric", "TORCHMETRICS"]
@@ -87,6 +88,7 @@ class NeuralCollapseMetric(_Base):
         ClassStats(num_classes, dim, dtype=dtype)  # the same argument checks, at construction
         if undefined not in ("raise", "none"):
             raise ValueError(f"{_OP}: undefined must be 'raise' or 'none', got {undefined!r}")
+        _check_global_mean(_OP, global_mean)
         self.num_classes, self.dim, self.stats_dtype = num_classes, dim, dtype
         self.undefined, self.global_mean = undefined, global_mean
         # A reference, not a submodule: the metric must not own, move or save the classifier.
