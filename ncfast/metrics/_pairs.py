@@ -135,7 +135,8 @@ def pair_reductions(
             gram = X[r0:r1] @ X[c0:c1].T
             if exponents:
                 _cdnv_block(op, gram, sq, variances, exponents, sums, pair, r0, r1, c0, c1)
-                gram.div_(norms[r0:r1, None]).div_(norms[None, c0:c1])  # now the cosines
+                if kernels:
+                    gram.div_(norms[r0:r1, None]).div_(norms[None, c0:c1])  # now the cosines
             if kernels:
                 _kernel_block(op, gram, kernels, s, moments, pair, r0, c0)
     pairs = K * (K - 1) / 2
