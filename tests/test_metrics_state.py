@@ -153,3 +153,19 @@ def test_class_stats_state_keeps_its_messages():
             "ncfast.ClassStats.load_state_dict: state['gram'] must have shape [6, 6], got "
             "[3, 6]")):
         s.load_state_dict(state)
+
+
+def test_all_reduce_without_a_process_group_is_a_no_op():
+    """As ClassStats.all_reduce (and torchmetrics): one process has nothing to combine, so the
+    same code runs with and without torch.distributed (both raised RuntimeError)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    h, y, W = data()
+    p = per_sample(reference.class_stats(h, y, 5), W)
+    p.update(h, y)
+    m = metrics.FeatureMean(6)
+    m.update(h)
+    before = (readout(p), m.count, m.mean.clone())
+    assert p.all_reduce() is p and m.all_reduce() is m
+    assert (readout(p), m.count) == before[:2] and torch.equal(m.mean, before[2])

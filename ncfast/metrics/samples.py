@@ -407,10 +407,10 @@ class PerSampleStats:
     @torch.no_grad()
     def all_reduce(self, group=None) -> "PerSampleStats":
         """Sum the states of every rank in ``group`` (kept margins are gathered in rank
-        order); every rank ends with the same state. Returns self."""
+        order); every rank ends with the same state. Without an initialised process group (one
+        process) a no-op, as :meth:`ncfast.ClassStats.all_reduce`. Returns self."""
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ncfast.metrics.PerSampleStats.all_reduce: torch.distributed is "
-                               "not initialised")
+            return self
         for part in self._parts():
             dist.all_reduce(part, group=group)
         if self.keep_margins:
@@ -496,10 +496,11 @@ class FeatureMean:
 
     @torch.no_grad()
     def all_reduce(self, group=None) -> "FeatureMean":
-        """Combine every rank's samples: one all-reduce of (n_r, n_r mean_r)."""
+        """Combine every rank's samples: one all-reduce of (n_r, n_r mean_r). Without an
+        initialised process group (one process) a no-op, as :meth:`ncfast.ClassStats.all_reduce`.
+        Returns self."""
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ncfast.metrics.FeatureMean.all_reduce: torch.distributed is not "
-                               "initialised")
+            return self
         n = int(self._count)
         local = torch.cat([torch.tensor([float(n)], dtype=_F64, device=self.device),
                            n * self.mean if n else torch.zeros(self.dim, dtype=_F64,
