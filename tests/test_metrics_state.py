@@ -169,3 +169,13 @@ def test_all_reduce_without_a_process_group_is_a_no_op():
     before = (readout(p), m.count, m.mean.clone())
     assert p.all_reduce() is p and m.all_reduce() is m
     assert (readout(p), m.count) == before[:2] and torch.equal(m.mean, before[2])
+
+
+def test_merge_refuses_another_type_or_dim():
+    m = metrics.FeatureMean(6)
+    with pytest.raises(TypeError, match=r"^ncfast.metrics.FeatureMean.merge: other must be a "
+                                        r"FeatureMean, got ClassStats$"):
+        m.merge(ncfast.ClassStats(5, 6))  # a ValueError, unlike every other merge's TypeError
+    with pytest.raises(ValueError, match=r"other must be a FeatureMean of dim 6, got "
+                                         r"FeatureMean\(dim=4"):
+        m.merge(metrics.FeatureMean(4))

@@ -482,7 +482,10 @@ class FeatureMean:
 
     @torch.no_grad()
     def merge(self, other: "FeatureMean") -> "FeatureMean":
-        if not isinstance(other, FeatureMean) or other.dim != self.dim:
+        if not isinstance(other, FeatureMean):
+            raise TypeError(f"ncfast.metrics.FeatureMean.merge: other must be a FeatureMean, "
+                            f"got {type(other).__name__}")
+        if other.dim != self.dim:
             raise ValueError(f"ncfast.metrics.FeatureMean.merge: other must be a FeatureMean "
                              f"of dim {self.dim}, got {other!r}")
         if int(other._count):
