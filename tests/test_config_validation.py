@@ -105,7 +105,10 @@ def test_every_numeric_key_has_a_range_rule():
     ("optim.lr", float("nan"), r"config key 'optim.lr' must be finite and > 0, got nan"),
     ("runs_dir", "a\0b", r"config key 'runs_dir' must not hold a NUL character, got 'a\\x00b'"),
     ("data.dir", None, r"config key 'data.dir' must be str, got None"),
-], ids=["str-int", "nan-lr", "nul-runs-dir", "none-dir"])
+    ("data", None, r"config key 'data' must be a section \(DataConfig\), got None"),
+    ("optim", {"name": "sgd"}, r"config key 'optim' must be a section \(OptimConfig\), got "
+                               r"\{'name': 'sgd'\}"),
+], ids=["str-int", "nan-lr", "nul-runs-dir", "none-dir", "none-section", "dict-section"])
 def test_a_hand_built_config_is_validated_by_run_and_creates_nothing(tmp_path, key, value,
                                                                      message):
     cfg = TrainConfig(runs_dir=str(tmp_path / "runs"))

@@ -395,6 +395,11 @@ def validate(cfg: TrainConfig) -> None:
     inside torch); raises ConfigError naming the key, the rule and the value."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        section = getattr(cfg, name)
+        if dataclasses.is_dataclass(hint) and not isinstance(section, hint):
+            raise ConfigError(f"config key {name!r} must be a section ({hint.__name__}), got "
+                              f"{show_value(section)}")
     flat = flatten(to_dict(cfg))
     for key, hint in _HINTS.items():
         value = flat[key]
