@@ -313,6 +313,15 @@ ERRORS = {
                     "'log', 'riesz'], got ['cosine']"),
     "gnc2-tile": (lambda s, W: metrics.gnc2(s, tile=0), ValueError,
                   "ncfast.metrics.gnc2: tile must be an int >= 1, got 0"),
+    # a NaN exponent gave a Riesz energy of -inf with a variance of -inf; a string was read
+    "gnc2-riesz-nan": (lambda s, W: metrics.gnc2(s, riesz_s=math.nan), ValueError,
+                       "ncfast.metrics.gnc2: riesz_s must be a finite number or None (d - 2), "
+                       "got nan"),
+    "gnc2-riesz-str": (lambda s, W: metrics.gnc2(s, riesz_s="2"), ValueError,
+                       "ncfast.metrics.gnc2: riesz_s must be a finite number or None (d - 2), "
+                       "got '2'"),
+    "nc5-nan": (lambda s, W: metrics.nc5(s, torch.full((7,), math.nan)), ValueError,
+                "ncfast.metrics.nc5: ood_mean must be finite, got a NaN or Inf"),  # it was NaN
     "cdnv-exponent": (lambda s, W: metrics.cdnv(s, distance_exponent=0), ValueError,
                       "ncfast.metrics.cdnv: distance_exponent must be a finite number > 0, "
                       "got 0"),

@@ -109,6 +109,8 @@ def nc5(
     if tuple(ood_mean.shape) != (prep.d,):
         raise ValueError(f"{op}: ood_mean must have shape [dim] = [{prep.d}], got shape "
                          f"{list(ood_mean.shape)}")
+    if not bool(torch.isfinite(ood_mean).all()):
+        raise ValueError(f"{op}: ood_mean must be finite, got a NaN or Inf")
     ood = ood_mean.to(device=prep.means.device, dtype=_F64)
     means = prep.means
     if centred:

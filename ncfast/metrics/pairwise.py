@@ -5,6 +5,7 @@ of the means' Gram matrix, never a K x K x d tensor. CDNV (with its distance exp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -57,6 +58,10 @@ def gnc2(
     """
     op = _name("gnc2")
     kernels = _check_kernels(op, kernels)
+    if riesz_s is not None and (isinstance(riesz_s, bool) or not isinstance(riesz_s, (int, float))
+                                or not math.isfinite(riesz_s)):
+        raise ValueError(f"{op}: riesz_s must be a finite number or None (d - 2), got "
+                         f"{riesz_s!r}")
     prep = _prepare(op, stats, global_mean, classes)
     tile = check_tile(op, tile, prep.means.shape[0])
     result = pair_reductions(op, prep.Mc.T, tile, kernels=kernels, riesz_s=riesz_s)
