@@ -132,6 +132,22 @@ def test_killed_before_its_first_checkpoint_gets_the_advice_that_works(old_run):
     assert epochs_of(old_run) == [1, 2]
 
 
+@pytest.mark.parametrize("flags", [{}, {"resume": True}], ids=["plain", "resume"])
+def test_a_run_with_only_its_previous_checkpoint_is_pointed_to_it(old_run, flags):
+    """checkpoint.pt deleted by hand: the advice was --overwrite, which would delete the intact
+    checkpoint-previous.pt as well (an explicit --overwrite still replaces the run)."""
+    (old_run / ckpt.CHECKPOINT).unlink()
+    before = tree_bytes(old_run.parent)
+    with pytest.raises(ckpt.CheckpointError, match=r"run folder '.*digits' has no checkpoint.pt "
+                                                   r"but has checkpoint-previous.pt: to resume "
+                                                   r"from it, move it over checkpoint.pt"):
+        run(tiny(old_run.parent, "epochs=3"), **flags)
+    assert tree_bytes(old_run.parent) == before
+    os.replace(old_run / ckpt.PREVIOUS, old_run / ckpt.CHECKPOINT)
+    run(tiny(old_run.parent, "epochs=3"), resume=True)
+    assert epochs_of(old_run) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("move", [shutil.copytree, os.rename], ids=["copied", "renamed"])
 def test_a_copied_or_renamed_run_folder_resumes(old_run, tmp_path, move):
     (tmp_path / "elsewhere").mkdir()

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT, CONFIG, RUN_FILES, CheckpointError
+from .checkpoint import CHECKPOINT, CONFIG, PREVIOUS, RUN_FILES, CheckpointError
 from .config import ConfigError, show_value
 
 
@@ -128,6 +128,12 @@ class RunFolder:
             raise ConfigError(f"{where} exists and is not an ncfast run folder (it holds "
                               f"{shown or 'no config.yaml'}); it is never replaced or deleted: "
                               f"choose another name= or runs_dir=")
+        if exists and not has_checkpoint and not overwrite and (self.final / PREVIOUS).is_file():
+            # checkpoint.pt removed by hand: the one that remains is the way on, not --overwrite
+            raise CheckpointError(f"run folder {where} has no {CHECKPOINT} but has {PREVIOUS}: "
+                                  f"to resume from it, move it over {CHECKPOINT} (mv "
+                                  f"{str(self.final / PREVIOUS)!r} "
+                                  f"{str(self.final / CHECKPOINT)!r}) and run --resume")
         if resume:
             if not has_checkpoint:
                 hint = ("the run stopped before its first checkpoint; start it again with "
