@@ -72,10 +72,15 @@ def _check_extras(extras, ood_loader) -> tuple[str, ...]:
     return extras
 
 
+def _reraise(err: Exception):
+    raise err
+
+
 def _extra_metrics(extras, stats, weight, per_sample, ood, classes, global_mean, cdnv_exponents,
-                   undefined, reasons) -> dict[str, float | None]:
+                   undefined, reasons, margin_error=None) -> dict[str, float | None]:
     """The requested extra metrics by name; undefined ones are None (reason in ``reasons``)
-    when ``undefined="none"``."""
+    when ``undefined="none"``. ``margin_error``: why the second sweep could not take the
+    cosine margin (a classifier row equal to the mean row)."""
     out: dict[str, float | None] = {}
 
     def put(name, compute):
@@ -104,7 +109,8 @@ def _extra_metrics(extras, stats, weight, per_sample, ood, classes, global_mean,
             out[f"gnc2_{name}_mean"] = None if value is None else value.mean
             out[f"gnc2_{name}_var"] = None if value is None else value.variance
     if "cosine_margin" in extras:
-        put("cosine_margin", per_sample.cosine_margin)
+        put("cosine_margin", per_sample.cosine_margin if margin_error is None else
+            lambda: _reraise(margin_error))
     if "ncc_accuracy" in extras:
         put("ncc_accuracy", per_sample.ncc_accuracy)
     if "nf_ratio" in extras:
@@ -224,7 +230,7 @@ def measure(
                               * labels.numel())
         return correct, correct5, seen
 
-    per_sample = ood = None
+    per_sample = ood = margin_error = None
     try:
         with torch.no_grad():
             stats = ClassStats(K, d, device=device, dtype=dtype)
@@ -234,10 +240,16 @@ def measure(
             if second_sweep:
                 consumers = []
                 if per_sample_extras:
-                    per_sample = PerSampleStats(
-                        stats, weight if "cosine_margin" in extras else None,
-                        ncc="ncc_accuracy" in extras, class_scatter="nf_ratio" in extras,
-                        device=device, dtype=dtype)
+                    options = dict(ncc="ncc_accuracy" in extras,
+                                   class_scatter="nf_ratio" in extras, device=device, dtype=dtype)
+                    try:
+                        per_sample = PerSampleStats(
+                            stats, weight if "cosine_margin" in extras else None, **options)
+                    except ValueError as err:  # a classifier row that has no cosine margin
+                        if undefined == "raise":
+                            raise
+                        margin_error = err
+                        per_sample = PerSampleStats(stats, None, **options)
                     consumers.append(per_sample)
                 if nc4:  # classes the first sweep did not see have no mean to be nearest to
                     first_means = torch.where((stats.counts > 0)[:, None], stats.means, torch.nan)
@@ -276,7 +288,7 @@ def measure(
     result = all_metrics(stats, weight.to(device), None if bias is None else bias.to(device),
                          global_mean=global_mean, classes=classes, undefined=undefined)
     extra = _extra_metrics(extras, stats, weight.to(device), per_sample, ood, classes,
-                           global_mean, cdnv_exponents, undefined, result.undefined)
+                           global_mean, cdnv_exponents, undefined, result.undefined, margin_error)
     samples = int(seen)
     return Measurement(metrics=result, accuracy=int(correct) / max(samples, 1), samples=samples,
                        empty_classes=(~present).nonzero().flatten().tolist(), stats=stats,

@@ -93,6 +93,27 @@ def test_nc4_leaves_out_classes_without_samples():
     assert result.metrics.nc4 == metrics.nc4(ref) == 0.5
 
 
+def test_a_classifier_without_cosine_margins_leaves_only_that_extra_undefined():
+    """A zero-initialised head has no centred rows: with undefined="none" the cosine margin is
+    None with the reason and the other metrics are measured (measure raised, ncfast train
+    stopped); with "raise" it raises."""
+    model, inputs, labels = make_model_and_data()
+    nn.init.zeros_(model[5].weight)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=17)
+    extras = ("cosine_margin", "ncc_accuracy")
+    result = ncfast.measure(model, loader, dtype=torch.float64, extras=extras, undefined="none")
+    assert result.extra["cosine_margin"] is None
+    assert result.metrics.undefined["cosine_margin"] == (
+        "ncfast.metrics.PerSampleStats: weight rows [0, 1, 2, 3] equal the mean row; their "
+        "cosine margin is undefined")
+    with torch.no_grad():
+        feats = model.eval()[:5](inputs)
+    nearest = torch.cdist(feats, reference.class_stats(feats, labels, 4).means).argmin(1)
+    assert result.extra["ncc_accuracy"] == pytest.approx((nearest == labels).double().mean())
+    with pytest.raises(ValueError, match=r"weight rows \[0, 1, 2, 3\] equal the mean row"):
+        ncfast.measure(model, loader, dtype=torch.float64, extras=extras)
+
+
 def test_measure_rejects_a_non_linear_classifier():
     model, inputs, labels = make_model_and_data()
     with pytest.raises(TypeError, match="classifier must be an nn.Linear, got ReLU"):
