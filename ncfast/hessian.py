@@ -19,7 +19,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -610,7 +610,8 @@ def network_operator(
     if curvature not in CURVATURES:
         raise ValueError(f"{op}: curvature must be 'hessian' or 'gauss_newton', got "
                          f"{curvature!r}")
-    if not isinstance(data, Iterable) or iter(data) is data:
+    # an Iterator is used up by one pass; iter(data) itself would start a loader's workers
+    if not isinstance(data, Iterable) or isinstance(data, Iterator):
         raise TypeError(f"{op}: data must be re-iterable (a DataLoader or a list of batches), "
                         f"got {type(data).__name__}")
     return _network_operator(op, model, loss_fn, data, curvature, params, bn_mode)

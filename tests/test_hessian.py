@@ -497,6 +497,22 @@ ERRORS = [
 ]
 
 
+def test_network_operator_passes_over_the_data_once_per_product_only():
+    """Building the operator must not iterate the data (a DataLoader's iter() starts its
+    workers); each product is one pass."""
+    class Counted(list):
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    op = hessian.network_operator(make_mlp(0), nn.functional.cross_entropy, Counted([batch(0)]))
+    assert Counted.passes == 0
+    op(torch.zeros(op.n, dtype=F64))
+    assert Counted.passes == 1
+
+
 @pytest.mark.parametrize("call,kind,message", ERRORS,
                          ids=[m.split(": ")[1][:40] for _, _, m in ERRORS])
 def test_argument_errors(call, kind, message):
