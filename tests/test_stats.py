@@ -151,6 +151,39 @@ def test_float32_nc4_under_a_large_common_offset(device):
     assert second.nc4_mismatches.item() == ref.nc4_mismatches.item()
 
 
+def _updates_under_sync_check(stats, feats, labels):
+    """Staged batches (folded when the buffer fills) and one batch past the buffer, with any
+    host synchronisation an error (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(0, 120, 30):
+            stats.update(feats[i:i + 30], labels[i:i + 30])
+        stats.update(feats[120:], labels[120:])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_update_reads_nothing_back_from_the_device():
+    """README: on CUDA (deferred checks) update never waits for the GPU, NC4 count included;
+    the state then equals the reference."""
+    feats, labels = mixture(5, 6, 40, 0.5, seed=3)  # 200 rows: 4 staged batches, then 80
+    gen = torch.Generator().manual_seed(4)
+    first = stream(feats, labels, 5, 50)
+    # a classifier near the means, so that some samples match and some do not (80 of 200)
+    weight = first.means.float() + 8 * torch.randn(5, 6, generator=gen)
+    bias = torch.randn(5, generator=gen)
+    stats = ncfast.ClassStats(5, 6, device="cuda", buffer_rows=64, nc4_weight=weight,
+                              nc4_bias=bias, nc4_means=first.means)
+    _updates_under_sync_check(stats, feats.cuda(), labels.cuda())
+    ref = reference.class_stats(feats.double(), labels, 5, weight=weight.double(),
+                                bias=bias.double())
+    assert stats.counts.cpu().tolist() == ref.counts.tolist()
+    assert rel(stats.sigma_w(), ref.sigma_w()) <= 1e-5
+    assert stats.nc4_mismatches.item() == ref.nc4_mismatches.item() == 80
+
+
 def test_state_dict_round_trip_and_reset(device):
     feats, labels = mixture(3, 4, 10, 0.1)
     stats = stream(feats, labels, 3, 8, device=device)
