@@ -17,6 +17,7 @@ from torch.testing import assert_close
 import ncfast
 from ncfast import reference
 from ncfast.integrations import NeuralCollapseMetric
+from ncfast.integrations.metric import TORCHMETRICS
 
 
 def data(K=4, d=6, n=30, seed=0):
@@ -105,6 +106,26 @@ def test_is_a_torchmetrics_metric_with_forward_and_merge_state():
                                                                           dtype=torch.float64)})
     collection.update(feats, labels)
     check(collection.compute(), expected(feats, labels, 4))  # a dict result is flattened
+
+
+def test_a_single_class_so_far_gives_no_metrics_unless_asked_to_raise():
+    """forward on a batch of one class (or compute after one): every metric is undefined, so
+    the default undefined="none" gives an empty dict (it raised 'needs at least 2 classes' in
+    the middle of a training loop); undefined="raise" still raises."""
+    feats, labels = data(seed=2)
+    one = labels == 1
+    metric = NeuralCollapseMetric(4, 6, classifier=nn.Linear(6, 4), dtype=torch.float64)
+    if TORCHMETRICS:  # forward: this batch's value, and the batch is accumulated
+        assert metric(feats[one], labels[one]) == {}
+    else:
+        metric.update(feats[one], labels[one])
+    assert metric.compute() == {}
+    metric.update(feats[~one], labels[~one])
+    check(metric.compute(), expected(feats, labels, 4, metric.classifier))
+    strict = NeuralCollapseMetric(4, 6, undefined="raise")
+    strict.update(feats[one], labels[one])
+    with pytest.raises(ValueError, match="needs at least 2 classes, got 1"):
+        strict.compute()
 
 
 def test_plain_metric_without_torchmetrics(tmp_path):

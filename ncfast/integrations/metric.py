@@ -48,7 +48,8 @@ class NeuralCollapseMetric(_Base):
     ``nc1_trace``, ``nc2_means``, ``cdnv``, ...), ready for ``log_dict``; with ``classifier``
     (the final ``nn.Linear``, read when ``compute`` runs) it adds NC2/NC3 of the classifier and
     ``bias_norm``. A metric the statistics leave undefined (say CDNV while two class means
-    coincide) is left out of the dict, unless ``undefined="raise"``. NC4 needs class means
+    coincide, or every metric while a single class has been seen) is left out of the dict,
+    unless ``undefined="raise"``. NC4 needs class means
     from a finished pass and is not computed here (:func:`ncfast.measure` makes that second
     pass). Classes with no sample yet are left out of the metrics.
 
@@ -117,6 +118,8 @@ class NeuralCollapseMetric(_Base):
         if stats is None or int(stats.total) == 0:
             raise ValueError(f"{_OP}.compute: no samples yet; call update first")
         present = stats.counts > 0
+        if int(present.sum()) < 2 and self.undefined == "none":
+            return {}  # one class seen so far (a batch in forward, say): nothing is defined yet
         weight = bias = None
         if self.classifier is not None:
             weight = self.classifier.weight.detach().to(stats.device)
