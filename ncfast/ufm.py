@@ -887,15 +887,19 @@ def _init(op: str, ufm: UFM, init, generator, dtype, device) -> Params:
 
 
 class _Recorder:
-    def __init__(self, ufm: UFM, record_metrics: bool) -> None:
-        self.ufm, self.record_metrics = ufm, record_metrics
+    def __init__(self, op: str, ufm: UFM, record_metrics: bool) -> None:
+        self.op, self.ufm, self.record_metrics = op, ufm, record_metrics
         self.steps: list[int] = []
         self.objective: list[float] = []
         self.metrics: dict[str, list[float]] = {}
 
     def __call__(self, step: int, W: Tensor, H: Tensor, b: Tensor | None) -> None:
+        f = float(self.ufm.objective(W, H, b))
+        if not math.isfinite(f):  # before the metrics, whose inputs are then not finite either
+            raise ValueError(f"{self.op}: the objective is {f} at step {step}: the iteration "
+                             f"diverged (a gradient-descent lr too large for this UFM?)")
         self.steps.append(step)
-        self.objective.append(float(self.ufm.objective(W, H, b)))
+        self.objective.append(f)
         if self.record_metrics:
             for k, v in _nc_record(self.ufm, W, H).items():
                 self.metrics.setdefault(k, []).append(v)
@@ -925,7 +929,7 @@ def gradient_descent(
     lr = _check_real(op, "lr", lr, positive=True)
     record_every = _check_int(op, "record_every", record_every, 1)
     W, H, b = _init(op, ufm, init, generator, dtype, device)
-    rec = _Recorder(ufm, record_metrics)
+    rec = _Recorder(op, ufm, record_metrics)
     rec(0, W, H, b)
     for t in range(1, steps + 1):
         gW, gH, gb = ufm.grad(W, H, b)
@@ -986,7 +990,7 @@ def lbfgs(
         cache.update(x=x.detach().clone(), g=x.grad.clone(), f=f)
         return f
 
-    rec = _Recorder(ufm, record_metrics)
+    rec = _Recorder(op, ufm, record_metrics)
     rec(0, *ufm.unflatten(x))
     it = 0
     restarted = False

@@ -494,3 +494,12 @@ def test_lbfgs_records_its_last_iterate_also_after_a_restart(max_iter):
     r = U.lbfgs(u, max_iter=max_iter, init=init)
     assert r.steps[-1] == max_iter
     assert r.f == float(u.objective(r.W, r.H, r.b))
+
+
+def test_gradient_descent_that_diverges_says_so():
+    """It surfaced as ClassStats' 'features must be finite' from the recorded metrics."""
+    u = U.UFM(4, 6, 3, 1e2, 2e-2)
+    with pytest.raises(ValueError, match=r"^ncfast.ufm.gradient_descent: the objective is "
+                                         r"(inf|nan) at step \d+: the iteration diverged"):
+        U.gradient_descent(u, steps=200, lr=0.5, record_every=50, record_metrics=True,
+                           generator=gen(0))
