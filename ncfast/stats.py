@@ -478,6 +478,11 @@ class ClassStats:
         self._means_cache = None if key is None else (key, mu, mu._version)
         return mu
 
+    def __getstate__(self) -> dict:
+        # The means cache holds weak references, which do not pickle: a pickled (torch.save,
+        # multiprocessing) accumulator rebuilds its means at the first read instead.
+        return {**self.__dict__, "_means_cache": None}
+
     def _means_key(self) -> tuple | None:
         """Weak references to the state tensors the means come from, with their in-place
         version counters (None for inference tensors, which have none: no cache then)."""

@@ -184,6 +184,28 @@ def test_cuda_update_reads_nothing_back_from_the_device():
     assert stats.nc4_mismatches.item() == ref.nc4_mismatches.item() == 80
 
 
+def test_pickles_after_its_means_were_read():
+    """The means cache's weak references made pickle and torch.save fail once any metric had
+    read the means; the copy reads the same means and keeps accumulating."""
+    import io
+    import pickle
+
+    feats, labels = mixture(3, 4, 10, 0.1)
+    stats = stream(feats[:20], labels[:20], 3, 8)
+    means = stats.means.clone()
+    copy = pickle.loads(pickle.dumps(stats))
+    buffer = io.BytesIO()
+    torch.save(stats, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copy, loaded):
+        assert torch.equal(other.means, means)
+        other.update(feats[20:], labels[20:])
+        assert_close(other.sigma_w(), reference.class_stats(feats.double(), labels, 3).sigma_w(),
+                     rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.means, means)  # the original is untouched
+
+
 def test_state_dict_round_trip_and_reset(device):
     feats, labels = mixture(3, 4, 10, 0.1)
     stats = stream(feats, labels, 3, 8, device=device)
