@@ -194,10 +194,11 @@ def test_runs_dir_that_cannot_hold_folders_is_a_config_error(tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
-def test_a_failed_first_run_leaves_no_runs_dir_behind(tmp_path):
+@pytest.mark.parametrize("runs_dir", ["runs", "new/deeper/runs"], ids=["one", "nested"])
+def test_a_failed_first_run_leaves_no_runs_dir_behind(tmp_path, runs_dir):
     with pytest.raises(ConfigError, match="disagrees with the data"):
-        run(tiny(tmp_path / "runs", "data.name=digits", "data.num_classes=5"))
-    assert not (tmp_path / "runs").exists()
+        run(tiny(tmp_path / runs_dir, "data.name=digits", "data.num_classes=5"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cosine_schedule_is_not_resumed_with_another_length(tmp_path):

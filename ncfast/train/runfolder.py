@@ -52,7 +52,7 @@ class RunFolder:
         self.path = run_dir
         self.staging: Path | None = None
         self._lock_file = run_dir.with_name(f".{run_dir.name}.lock")
-        self._created_runs_dir = False
+        self._created: list[Path] = []  # runs_dir and the parents this claim made, deepest first
         self._fd: int | None = None
         self._claim(resume, overwrite)
 
@@ -62,8 +62,9 @@ class RunFolder:
         runs_dir = self.final.parent
         try:
             if not runs_dir.is_dir():
-                runs_dir.mkdir(parents=True)
-                self._created_runs_dir = True
+                missing = [p for p in (runs_dir, *runs_dir.parents) if not p.exists()]
+                runs_dir.mkdir(parents=True, exist_ok=True)  # another run may make it too
+                self._created = missing
             while True:  # the lock file may be replaced between open and flock: retry
                 fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -189,9 +190,10 @@ class RunFolder:
         self._remove_runs_dir()
 
     def _remove_runs_dir(self) -> None:
-        if self._created_runs_dir:
+        for folder in self._created:
             try:
-                os.rmdir(self.final.parent)  # only if nothing was written there
+                os.rmdir(folder)  # only if nothing was written there
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
                     raise
+                break
