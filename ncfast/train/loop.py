@@ -276,18 +276,17 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler,
     if saved["epoch"] > cfg.epochs:
         raise ConfigError(f"cannot resume to epochs={cfg.epochs}: the checkpoint is at "
                           f"epoch {saved['epoch']}")
-    inside = saved.get("within_epoch")
-    if inside is not None and saved["epoch"] == cfg.epochs:
+    within = saved.get("within_epoch")
+    if within is not None and saved["epoch"] == cfg.epochs:
         # Nothing would train, and the run would end on the weights of a partial epoch.
         raise ConfigError(f"cannot resume to epochs={cfg.epochs}: the checkpoint is inside "
-                          f"epoch {saved['epoch'] + 1} (after its step {inside['step']})")
+                          f"epoch {saved['epoch'] + 1} (after its step {within['step']})")
     if cfg.schedule.name == "cosine" and saved_cfg.epochs != cfg.epochs:
         # The cosine's length is the run's: another length would send the lr back up.
         raise ConfigError(f"cannot resume a cosine schedule with epochs={cfg.epochs}: it was "
                           f"built for epochs={saved_cfg.epochs}, and another length would "
                           f"move the learning rate off its path (up again when longer); keep "
                           f"epochs={saved_cfg.epochs}, or start a new run")
-    within = saved.get("within_epoch")
     if within is not None and within["step"] >= steps_per_epoch:
         # a mid-epoch checkpoint is never written at an epoch's last step
         raise ckpt.CheckpointError(f"cannot resume: checkpoint {str(path)!r} stands at step "
