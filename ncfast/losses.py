@@ -41,8 +41,8 @@ def cuda_target_checks(enabled: bool) -> Iterator[None]:
 
 
 def check_errors() -> None:
-    """Wait for the work queued on every CUDA device, then raise (``ValueError``) the first
-    label error that a loss kernel recorded there and that was not raised yet.
+    """Wait for the work queued on every CUDA device where an ncfast loss kernel checked labels,
+    then raise (``ValueError``) the first label error recorded there and not raised yet.
 
     A CUDA loss call never waits for its labels to be checked: a kernel that meets a label
     outside [0, K) that is not ``ignore_index`` gives that row zero loss and zero gradient (and
@@ -51,9 +51,8 @@ def check_errors() -> None:
     linear loss) that starts after that kernel has finished on the device, or by this
     function, which waits for it. CPU labels raise at once, in the call that got them.
 
-    Only the devices where an ncfast loss kernel checked labels are waited for: synchronising
-    the others would create a CUDA context (hundreds of MiB) on every GPU of the machine in
-    each process of a torchrun job.
+    The other devices are not touched: synchronising one creates a CUDA context there (hundreds
+    of MiB), on every GPU of the machine in each process of a torchrun job.
     """
     if torch.cuda.is_initialized():
         for device in _C.label_error_devices():
