@@ -278,13 +278,15 @@ def test_default_cuda_path_never_syncs():
 def test_check_errors_waits_only_for_devices_that_ran_checked_kernels(monkeypatch):
     # Synchronising a device creates a CUDA context there (hundreds of MiB): under torchrun
     # every process would take one on every GPU. check_errors waits for the devices where a loss
-    # kernel checked labels (none in this process: no CUDA kernel ran) and no other.
+    # kernel checked labels (none without a GPU; at most the one the CUDA tests use) and no
+    # other of the 8 this machine pretends to have.
     synchronised = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronised.append)
     ncfast.check_errors()
-    assert synchronised == list(ncfast._C.label_error_devices()) == []
+    assert synchronised == list(ncfast._C.label_error_devices())
+    assert len(synchronised) <= 1
 
 
 @pytest.mark.cuda
