@@ -36,8 +36,9 @@ _ops = torch.ops.ncfast
 # ------------------------------------------------------------------------------- checks
 
 def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size,
-                   ignore_index, guard_budget=None) -> None:
-    check_loss_options(k, M, normalize, reduction, op=_OP, ignore_index=ignore_index)
+                   ignore_index, guard_budget=None) -> tuple[float, float, int]:
+    """check_loss_options plus this loss's own options; returns its (k, M, ignore_index)."""
+    options = check_loss_options(k, M, normalize, reduction, op=_OP, ignore_index=ignore_index)
     if method not in METHODS:
         raise ValueError(f"{_OP}: method must be 'auto', 'gram' or 'chunked', got {method!r}")
     if chunk_size is not None:
@@ -52,6 +53,7 @@ def _check_options(k, M, normalize: str, reduction: str, method: str, chunk_size
                             f"{type(guard_budget).__name__}")
         if guard_budget < 1:
             raise ValueError(f"{_OP}: guard_budget must be >= 1, got {guard_budget}")
+    return options
 
 
 def _check_follows_features(name: str, t: Tensor, features: Tensor,
@@ -685,21 +687,22 @@ def linear_rescaled_mse_loss(
     on the device, as in the plain loss (see :func:`ncfast.check_errors`), and the guard picks
     its rows on the device (``torch.nonzero_static``) and checks its budget there.
     """
-    _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index, guard_budget)
+    k, M, ignore_index = _check_options(k, M, normalize, reduction, method, chunk_size,
+                                        ignore_index, guard_budget)
     check_linear_args(features, weight, bias, target)
     N, d = features.shape
     K = weight.shape[0]
     if method == "auto":
         method = select_method(N, K, d)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(K)
-    args = (float(k), float(M), int(ignore_index), method, chunk, guard_budget)
+    args = (k, M, ignore_index, method, chunk, guard_budget)
 
     if torch.compiler.is_compiling():
         per_sample = _ops.linear_rescaled_mse(features, weight, bias, target, *args)[0]
     elif _plain_eager():
         per_sample = _LinearLoss.apply(features, weight, bias, target, *args)[0]
     else:  # torch.func transforms, forward-mode AD
-        _check_labels(target, K, int(ignore_index))
+        _check_labels(target, K, ignore_index)
         per_sample = _per_sample_math(features, weight, bias, target, *args[:-1])
     if normalize == "element":
         per_sample = per_sample / K
@@ -707,7 +710,7 @@ def linear_rescaled_mse_loss(
         return per_sample.to(features.dtype)
     total = per_sample.sum()
     if reduction == "mean":
-        total = total / _target_rows(target, K, int(ignore_index))[0].sum()
+        total = total / _target_rows(target, K, ignore_index)[0].sum()
     return total.to(features.dtype)
 
 
@@ -731,11 +734,9 @@ class LinearRescaledMSELoss(nn.Module):
         guard_budget: int | None = None,
     ) -> None:
         super().__init__()
-        _check_options(k, M, normalize, reduction, method, chunk_size, ignore_index,
-                       guard_budget)
-        self.k, self.M = float(k), float(M)
+        self.k, self.M, self.ignore_index = _check_options(
+            k, M, normalize, reduction, method, chunk_size, ignore_index, guard_budget)
         self.normalize, self.reduction = normalize, reduction
-        self.ignore_index = int(ignore_index)
         self.method, self.chunk_size, self.guard_budget = method, chunk_size, guard_budget
 
     def forward(self, features: Tensor, weight: Tensor, target: Tensor,

@@ -61,26 +61,32 @@ def check_errors() -> None:
 
 
 def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: str = _OP,
-                       ignore_index: int = -100) -> None:
-    """The option rules every rescaled-MSE entry point shares; ``op`` names it in messages."""
+                       ignore_index: int = -100) -> tuple[float, float, int]:
+    """The option rules every rescaled-MSE entry point shares; ``op`` names it in messages.
+
+    Returns ``(k, M, ignore_index)`` as Python float, float, int: any real number (a numpy
+    scalar too, not a bool) is a valid k or M, any integer a valid ignore_index."""
     if normalize not in NORMALIZE:
         raise ValueError(f"{op}: normalize must be 'sample' or 'element', got {normalize!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     for name, value in (("k", k), ("M", M)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
+                            f"{value!r}")
+    k, M = float(k), float(M)
     # The same rules as the op's own checks, here so the module fails at construction.
     if not (0 < k < float("inf")):
         raise ValueError(f"{op}: k must be finite and > 0, got {k:g}")
     if not abs(M) < float("inf"):
         raise ValueError(f"{op}: M must be finite, got {M:g}")
-    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
-                                          or not isinstance(ignore_index, numbers.Integral)):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__} "
                         f"{ignore_index!r}")
+    ignore_index = int(ignore_index)
     if not -(1 << 63) <= ignore_index < (1 << 63):
         raise ValueError(f"{op}: ignore_index must fit in int64, got {ignore_index}")
+    return k, M, ignore_index
 
 
 def _check_weight(name: str, w: Tensor, length: int, what: str, logits: Tensor) -> None:
@@ -148,7 +154,7 @@ def rescaled_mse_loss(
     kernel returns the reduced loss, summed in float64 in a fixed order: deterministic; the
     backward writes the gradient in one pass), with autograd in C++.
     """
-    check_loss_options(k, M, normalize, reduction, ignore_index=ignore_index)
+    k, M, ignore_index = check_loss_options(k, M, normalize, reduction, ignore_index=ignore_index)
     # The op checks the same again; checking here first keeps argument errors in Python, where
     # they are raised the same way whatever C++ toolchain built the extension.
     check_rescaled_mse_args(logits, target, k, M)
@@ -156,14 +162,14 @@ def rescaled_mse_loss(
     if weight is None and sample_weight is None and reduction != "none" and (
             _is_compiling() or _plain_eager()):
         scale = 1.0 / K if normalize == "element" else 1.0
-        return _reduced(logits, target, float(k), float(M), int(ignore_index), scale,
+        return _reduced(logits, target, k, M, ignore_index, scale,
                         reduction == "mean")[0]
     if weight is not None:
         _check_weight("weight", weight, K, "one per class", logits)
     if sample_weight is not None:
         _check_weight("sample_weight", sample_weight, B, "one per row of logits", logits)
 
-    per_sample = rescaled_mse_per_sample(logits, target, float(k), float(M), int(ignore_index))
+    per_sample = rescaled_mse_per_sample(logits, target, k, M, ignore_index)
     if normalize == "element":
         per_sample = per_sample / K
     acc = loss_dtype(logits.dtype)
@@ -204,10 +210,9 @@ class RescaledMSELoss(nn.Module):
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        check_loss_options(k, M, normalize, reduction, ignore_index=ignore_index)
-        self.k, self.M = float(k), float(M)
+        self.k, self.M, self.ignore_index = check_loss_options(
+            k, M, normalize, reduction, ignore_index=ignore_index)
         self.normalize, self.reduction = normalize, reduction
-        self.ignore_index = int(ignore_index)
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, target: Tensor,

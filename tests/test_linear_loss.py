@@ -487,7 +487,7 @@ ERRORS = {
     "M-nan": (_x(2, 3), _x(5, 3), _y(0, 1), dict(M=float("nan")), ValueError,
               "M must be finite, got nan"),
     "k-string": (_x(2, 3), _x(5, 3), _y(0, 1), dict(k="2"), TypeError,
-                 "k must be a Python number, got str"),
+                 "k must be a real number, got str '2'"),
     "normalize": (_x(2, 3), _x(5, 3), _y(0, 1), dict(normalize="batch"), ValueError,
                   "normalize must be 'sample' or 'element', got 'batch'"),
     "reduction": (_x(2, 3), _x(5, 3), _y(0, 1), dict(reduction="avg"), ValueError,

@@ -47,7 +47,7 @@ SHAPE_ERRORS = {
     "k-nan": (z(2, 3), y(0, 1), dict(k=float("nan")), ValueError,
               "k must be finite and > 0, got nan"),
     "M-nan": (z(2, 3), y(0, 1), dict(M=float("nan")), ValueError, "M must be finite, got nan"),
-    "k-string": (z(2, 3), y(0, 1), dict(k="2"), TypeError, "k must be a Python number, got str"),
+    "k-string": (z(2, 3), y(0, 1), dict(k="2"), TypeError, "k must be a real number, got str '2'"),
     "normalize": (z(2, 3), y(0, 1), dict(normalize="batch"), ValueError,
                   "normalize must be 'sample' or 'element', got 'batch'"),
     "reduction": (z(2, 3), y(0, 1), dict(reduction="avg"), ValueError,
@@ -339,6 +339,50 @@ def test_numpy_integer_ignore_index_is_accepted():
     logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
     ours = ncfast.rescaled_mse_loss(logits, target, ignore_index=np.int64(1))
     assert ours == ncfast.rescaled_mse_loss(logits, target, ignore_index=1)
+
+
+@pytest.mark.parametrize("scalar", ["float32", "float64", "int64", "int32"])
+def test_numpy_scalar_k_and_M_are_accepted(scalar):
+    # Any real number is a valid k or M, as any integer is a valid ignore_index; each entry
+    # point stores or passes it on as a Python float.
+    np = pytest.importorskip("numpy")
+    k, M = getattr(np, scalar)(2), getattr(np, scalar)(3)
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    expected = ncfast.rescaled_mse_loss(logits, target, k=2.0, M=3.0)
+    assert ncfast.rescaled_mse_loss(logits, target, k=k, M=M) == expected
+    module = ncfast.RescaledMSELoss(k=k, M=M)
+    assert type(module.k) is float and type(module.M) is float
+    assert module(logits, target) == expected
+    features, weight = torch.randn(3, 2), torch.randn(4, 2)
+    linear = ncfast.linear_rescaled_mse_loss(features, weight, target, k=k, M=M)
+    torch.testing.assert_close(
+        linear, ncfast.linear_rescaled_mse_loss(features, weight, target, k=2.0, M=3.0))
+    linear_module = ncfast.LinearRescaledMSELoss(k=k, M=M)
+    assert type(linear_module.k) is float and type(linear_module.M) is float
+    torch.testing.assert_close(linear_module(features, weight, target), linear)
+
+
+@pytest.mark.parametrize("value,shown", [
+    (True, "bool True"), ("2", "str '2'"), (None, "NoneType None"),
+    (torch.tensor(2.0), "Tensor tensor(2.)"), (2 + 0j, "complex (2+0j)"),
+], ids=["bool", "str", "None", "tensor", "complex"])
+@pytest.mark.parametrize("name", ["k", "M"])
+def test_non_real_k_and_M_are_a_type_error(name, value, shown):
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    rule = f"{name} must be a real number, got {shown}"
+    with pytest.raises(TypeError) as info:
+        ncfast.rescaled_mse_loss(logits, target, **{name: value})
+    assert str(info.value) == P + rule
+    with pytest.raises(TypeError) as info:
+        ncfast.RescaledMSELoss(**{name: value})
+    assert str(info.value) == P + rule
+    with pytest.raises(TypeError) as info:
+        ncfast.linear_rescaled_mse_loss(torch.randn(3, 2), torch.randn(4, 2), target,
+                                        **{name: value})
+    assert str(info.value) == "ncfast.linear_rescaled_mse_loss: " + rule
+    with pytest.raises(TypeError) as info:
+        ncfast.LinearRescaledMSELoss(**{name: value})
+    assert str(info.value) == "ncfast.linear_rescaled_mse_loss: " + rule
 
 
 @pytest.mark.parametrize("argument", ["logits", "target"])
