@@ -157,6 +157,22 @@ def test_parallel_jobs_are_separate_processes_with_their_own_logs(tmp_path):
     assert "data.name='cifar10': no usable data set" in (tmp_path / "broken.log").read_text()
 
 
+def test_a_run_that_cannot_start_closes_its_log_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    runs = sweep.plan([(None, [*QUICK, "epochs=1"])], tmp_path, names=["cannot-start"])
+    opened = []
+    monkeypatch.setattr(sweep, "open", lambda *a, **k: opened.append(open(*a, **k)) or opened[-1],
+                        raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", refuse)
+    lines = []
+    assert sweep.execute(runs, jobs=2, threads=1, log=lines.append) == runs
+    assert lines[-1] == "FAILED cannot-start (could not start: [Errno 12] Cannot allocate memory)"
+    assert len(opened) == 1 and opened[0].closed
+
+
 # ------------------------------------------------------------------------------- plot
 
 def test_groups_are_labelled_by_what_differs_and_banded_over_seeds(tmp_path):

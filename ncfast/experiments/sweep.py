@@ -145,8 +145,14 @@ def execute(runs: list[PlannedRun], jobs: int = 1, threads: int = 0,
             r.run_dir.parent.mkdir(parents=True, exist_ok=True)
             logfile = open(r.run_dir.parent / f"{r.name}.log", "a")
             log(f"{r.state if r.state != 'new' else 'start'} {r.name}")
-            proc = subprocess.Popen(r.command(), stdout=logfile, stderr=subprocess.STDOUT,
-                                    env=env)
+            try:
+                proc = subprocess.Popen(r.command(), stdout=logfile, stderr=subprocess.STDOUT,
+                                        env=env)
+            except OSError as err:  # this run cannot start: close its log, go on with the rest
+                logfile.close()
+                failed.append(r)
+                log(f"FAILED {r.name} (could not start: {err})")
+                continue
             running.append((r, proc, logfile))
         time.sleep(0.2)
         for item in list(running):
