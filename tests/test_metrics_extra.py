@@ -337,6 +337,10 @@ ERRORS = {
                     "got 'raw'"),
     "no-weight": (lambda s, W: metrics.PerSampleStats(s).cosine_margin(), ValueError,
                   "ncfast.metrics.PerSampleStats.cosine_margin: built without weight"),
+    # a generator checked its arguments only at the first block, not at the call
+    "interference-tiles-eager": (lambda s, W: metrics.interference_tiles(s, tile=0), ValueError,
+                                 "ncfast.metrics.interference_tiles: tile must be an int >= 1, "
+                                 "got 0"),
     "interference-dtype": (lambda s, W: metrics.interference_grid(s, dtype=torch.int64),
                            TypeError, "ncfast.metrics.interference_grid: dtype must be "
                            "torch.float32 or torch.float64, got torch.int64"),

@@ -78,7 +78,8 @@ def interference_tiles(
     """The class interference grid ⟨μ_k - μ_G, μ_l - μ_G⟩ (K x K; with ``cosine=True`` the
     cosines of those vectors), one block of ``tile`` rows at a time: yields ``(first_row,
     block)`` with ``block`` (rows, K) float64 on the statistics' device. Memory O(tile K): use it
-    to reduce or plot the grid when K x K does not fit."""
+    to reduce or plot the grid when K x K does not fit. Bad arguments raise at the call, not
+    at the first block."""
     op = _name("interference_tiles")
     prep = _prepare(op, stats, global_mean, classes)
     X = prep.Mc.T
@@ -91,8 +92,7 @@ def interference_tiles(
             raise ValueError(f"{op}: classes {zero} have a mean equal to the global mean; "
                              f"their cosines are undefined")
         X = X / norms[:, None]
-    for r0 in range(0, K, tile):
-        yield r0, X[r0:r0 + tile] @ X.T
+    return ((r0, X[r0:r0 + tile] @ X.T) for r0 in range(0, K, tile))
 
 
 def interference_grid(
