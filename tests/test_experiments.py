@@ -383,6 +383,24 @@ def test_miniimagenet_converter_errors(tmp_path):
         convert(tmp_path, tmp_path / "out2", 2, 1, log=lambda line: None)
 
 
+@pytest.mark.parametrize("bad", ["short-class", "not-a-pickle"])
+def test_a_bad_later_pickle_leaves_out_unwritten(tmp_path, bad):
+    """The train and val pickles are fine, the test pickle is not: nothing is written (a half
+    tree would make the rerun refuse --out as not empty)."""
+    rng = np.random.default_rng(0)
+    _pickle(tmp_path / FILES[0], ["n01"], 4, rng)
+    _pickle(tmp_path / FILES[1], ["n02"], 4, rng)
+    if bad == "short-class":
+        _pickle(tmp_path / FILES[2], ["n03"], 2, rng)
+        message = r"mini-imagenet-cache-test.pkl: class n03 has 2 images, fewer than 3"
+    else:
+        (tmp_path / FILES[2]).write_bytes(b"not a pickle")
+        message = r"mini-imagenet-cache-test.pkl' is not a mini-ImageNet pickle"
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path, tmp_path / "out", 3, 1, log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+
+
 # The hostile name is assembled, so the docs check does not read it as a path the repo cites.
 CLIMBING_NAME = "/".join(["..", "..", "escaped"])
 

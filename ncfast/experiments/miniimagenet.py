@@ -84,14 +84,17 @@ def convert(source: str | Path, out: str | Path, train_per_class: int = 500,
         if (out / split).exists() and any((out / split).iterdir()):
             raise FileExistsError(f"{str(out / split)!r} already exists and is not empty; "
                                   f"choose another --out")
+    need = max(train_per_class, test_per_class)
+    for name in FILES:  # every pickle passes its checks before anything is written
+        for wnid, idx in read_pickle(source / name)[1]:  # one pickle's images in memory at once
+            if len(idx) < need:
+                raise ValueError(f"{name}: class {wnid} has {len(idx)} images, fewer than "
+                                 f"{need}")
     label = 0
     counts = {"classes": 0, "train": 0, "test": 0}
     for name in FILES:
         images, classes = read_pickle(source / name)
         for wnid, idx in classes:
-            if len(idx) < max(train_per_class, test_per_class):
-                raise ValueError(f"{name}: class {wnid} has {len(idx)} images, fewer than "
-                                 f"{max(train_per_class, test_per_class)}")
             folder = f"{label:03d}_{wnid}"
             for split, chosen in (("train", idx[:train_per_class]),
                                   ("test", idx[len(idx) - test_per_class:])):
