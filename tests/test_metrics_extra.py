@@ -149,6 +149,16 @@ def test_riesz_energy_beyond_float64_is_kept_in_scale():
     assert metrics.gnc2(s, kernels="riesz")["riesz"] == (math.inf, math.inf)  # s = 598
 
 
+def test_riesz_kernel_at_s_zero_is_one_as_in_the_reference_library():
+    """s = 0 (the default at d = 2): the reference library's sign(s) is copysign(1, s), so the
+    kernel is r^0 = 1 for every pair (theory.md 5.10), never 0; -0.0 is the same s."""
+    h, y, _, _ = make("unbalanced", d=2)
+    assert metrics.gnc2(reference.class_stats(h, y, 6), kernels="riesz")["riesz"] == (1.0, 0.0)
+    s = reference.class_stats(*make("unbalanced")[:2], 6)
+    for zero in (0.0, -0.0, 0):
+        assert metrics.gnc2(s, kernels="riesz", riesz_s=zero)["riesz"] == (1.0, 0.0), zero
+
+
 # --- the classifier against the class means, and NC5 -------------------------------------------
 
 def test_class_vectors_unc3_and_nc5_match_two_pass(case):

@@ -83,7 +83,7 @@ class PairResult:
 
 def _kernel_values(name: str, dist2: Tensor, riesz_s: float) -> Tensor:
     """The kernel on squared distances; for "riesz", the log of its magnitude, -(s/2) log d^2
-    (its sign is that of s)."""
+    (its sign is -1 for s < 0, else +1: the kernel is 1 at s = 0, theory.md 5.10)."""
     if name == "distance":
         return dist2.sqrt()
     if name == "log":  # log(1 / ||u_k - u_l||)
@@ -190,4 +190,4 @@ def _kernel_block(op, cos, kernels, s, moments, pair, r0, c0) -> None:
     for name in kernels:
         values = _kernel_values(name, udist2, s)
         moments[name].add(values[pair] if pair is not None else values.reshape(-1),
-                          log_magnitude=name == "riesz", sign=math.copysign(1.0, s))
+                          log_magnitude=name == "riesz", sign=1.0 if s >= 0 else -1.0)
