@@ -128,8 +128,18 @@ def _rescaled_mse_reduced_backward_fake(grad, row_scale, logits, target, k, M, i
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+# The losses a label error can name: label_error_op in csrc/loss_validation.cpp, same order.
+_LABEL_ERROR_OPS = (_OP, "ncfast.linear_rescaled_mse_loss")
+
+
 @torch.library.register_fake("ncfast::check_labels")
 def _check_labels_fake(target, num_classes, ignore_index, op):
+    # The check of label_error_op_code (csrc/loss_validation.cpp), same message; the labels'
+    # values are data, which a fake cannot see.
+    if op not in _LABEL_ERROR_OPS:
+        raise ValueError("ncfast.check_labels: op must be "
+                         + " or ".join(repr(name) for name in _LABEL_ERROR_OPS)
+                         + f", got '{op}'")
     return None
 
 

@@ -181,6 +181,19 @@ def test_reduced_ops_check_their_own_arguments(device):
             assert str(info.value) == P + rule
 
 
+def test_check_labels_op_name_is_checked_by_the_op_and_its_fake(device):
+    # The op name picks the message of a later label error: an unknown one is refused at once,
+    # on the device and by the fake (meta, as torch.compile sees it), in the same words.
+    target = torch.tensor([0, 1, 2])
+    for where in (device, "meta"):
+        with pytest.raises(ValueError) as info:
+            torch.ops.ncfast.check_labels(target.to(where), 4, -100, "ncfast.bogus")
+        assert str(info.value) == ("ncfast.check_labels: op must be 'ncfast.rescaled_mse_loss' "
+                                   "or 'ncfast.linear_rescaled_mse_loss', got 'ncfast.bogus'")
+        for name in ("ncfast.rescaled_mse_loss", "ncfast.linear_rescaled_mse_loss"):
+            torch.ops.ncfast.check_labels(target.to(where), 4, -100, name)
+
+
 @pytest.mark.cuda
 def test_device_mismatch_errors():
     logits = torch.randn(2, 3, device="cuda")
