@@ -227,6 +227,32 @@ def test_a_malformed_rng_state_leaves_every_rng_as_it_was(entry, value):
     assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
 
 
+@pytest.mark.parametrize("saved, visible", [(2, 1), (1, 3)], ids=["fewer-gpus", "more-gpus"])
+def test_cuda_rng_states_are_restored_on_the_gpus_that_exist(monkeypatch, saved, visible):
+    """Only the device layer is faked: torch's own set_rng_state runs and looks its generator up
+    in torch.cuda.default_generators (one per visible GPU), as it does on a GPU machine."""
+    class Generator:
+        def __init__(self):
+            self.state = None
+
+        def set_state(self, state):
+            self.state = state.clone()
+
+    state = ckpt.rng_state()  # before the fakes: on a GPU machine it reads the real GPUs
+    generators = tuple(Generator() for _ in range(visible))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    monkeypatch.setattr(torch.cuda.random, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda.random, "_lazy_call", lambda call, **kwargs: call())
+    states = [torch.full((16,), device + 1, dtype=torch.uint8) for device in range(saved)]
+    ckpt.set_rng_state({**state, "cuda": states})
+    kept = min(saved, visible)
+    assert [g.state for g in generators[kept:]] == [None] * (visible - kept)
+    for generator, state in zip(generators[:kept], states):
+        assert torch.equal(generator.state, state)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_a_cuda_run_resumes_through_the_checked_load(tmp_path, precision):

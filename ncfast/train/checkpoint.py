@@ -158,7 +158,11 @@ def set_rng_state(state: dict) -> None:
             if not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and
                                                    t.dtype == torch.uint8 for t in cuda)):
                 raise TypeError("cuda state must be a list of uint8 tensors")
-            torch.cuda.set_rng_state_all(cuda)
+            # one state per GPU the run saw; on a machine with fewer, the missing GPUs' states
+            # are dropped (set_rng_state_all would index a generator that does not exist), on
+            # one with more, the extra GPUs keep their fresh seed
+            for device, device_state in enumerate(cuda[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(device_state, device)
     except Exception as err:  # whatever a malformed state makes the setters raise
         torch.set_rng_state(saved_torch)
         if saved_numpy is not None:
