@@ -78,6 +78,16 @@ def checked_state_tensors(op: str, state: dict, specs: dict, device: torch.devic
     return new
 
 
+def _about_means(counts: Tensor, sums: Tensor, sq: Tensor,
+                 gram: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """(M2, per-class sum ||h - mu_k||^2) in float64 from a shifted state's n_k, S_k,
+    sum ||h - c_k||^2 and Q (theory.md 5.8); M2 is None when ``gram`` is."""
+    n = counts.clamp(min=1).double()
+    s = sums.double() * (counts > 0)[:, None]
+    m2 = None if gram is None else gram.double() - (s / n[:, None]).T @ s
+    return m2, sq.double() - (s * s).sum(1) / n
+
+
 class ClassStats:
     r"""Accumulates, batch by batch, everything the NC metrics need from last-layer features.
 
@@ -495,12 +505,8 @@ class ClassStats:
     def _centred(self, with_m2: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
         """(mu, M2, per-class sum ||h - mu_k||^2) in float64; M2 (a K d^2 product) is None
         unless ``with_m2``: the means and variances alone are O(K d)."""
-        mu = self.means
-        n = self._counts.clamp(min=1).double()
-        s = self._sums.double() * self._present()[:, None]
-        m2 = self._full_gram().double() - (s / n[:, None]).T @ s if with_m2 else None
-        sq = self._sq.double() - (s * s).sum(1) / n
-        return mu, m2, sq
+        return (self.means, *_about_means(self._counts, self._sums, self._sq,
+                                          self._full_gram() if with_m2 else None))
 
     def sigma_w(self) -> Tensor:
         """(d, d) pooled within-class covariance Sigma_W = M2 / N (theory.md 5.2), float64."""
@@ -627,7 +633,8 @@ class ClassStats:
         """Restore a ``state_dict``, all or nothing: keys, K and d, every tensor's shape, dtype
         and device, counts >= 0 and finite sums are checked before the state is touched; any
         failure raises (TypeError/ValueError naming the entry) and leaves this accumulator as
-        it was. Tensors on the CPU or this accumulator's device are accepted (and copied)."""
+        it was. Tensors on the CPU or this accumulator's device are accepted (and copied); a
+        float64 state read into a float32 accumulator keeps its float64 means, as merge does."""
         op = "ncfast.ClassStats.load_state_dict"
         check_state_version(op, state, "ClassStats", STATE_VERSION)
         K, d = self.num_classes, self.dim
@@ -649,6 +656,17 @@ class ClassStats:
         # Everything checked: commit at once.
         self._counts, self._shift, self._sums = new["counts"], new["shift"], new["sums"]
         self._sq, self._gram = new["sq"], new["gram"]
+        if self.dtype != torch.float64 and any(state[key].dtype == torch.float64 for key in
+                                               ("shift", "sums", "sq", "gram")):
+            # A float64 state (a merged one keeps its means in its reference points) read into
+            # a float32 one: re-split it as merge does, so the means are not rounded.
+            wide = {key: state[key].detach().to(self.device, torch.float64)
+                    for key in ("shift", "sums", "sq", "gram")}
+            n = new["counts"].double()
+            mu = torch.where((n > 0)[:, None],
+                             wide["shift"] + wide["sums"] / n.clamp(min=1)[:, None], 0)
+            self._set_centred(n, mu, *_about_means(new["counts"], wide["sums"], wide["sq"],
+                                                   wide["gram"]))
         self._nc4_mismatches, self._nc4_total = new["nc4_mismatches"], new["nc4_total"]
         self._all_seen = False
         self._pending, self._staged_batches = 0, []
