@@ -58,6 +58,23 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, content, flags):
     assert tree_bytes(tmp_path) == before
 
 
+def test_resume_names_the_files_of_the_users_in_a_run_folder(old_run):
+    """A run folder with a file added by hand is still refused (resume writes into it), by name
+    and with the way on, not as 'not an ncfast run folder'."""
+    (old_run / "notes.txt").write_text("mine")
+    (old_run / "plots").mkdir()
+    before = tree_bytes(old_run.parent)
+    with pytest.raises(ConfigError, match=r"^cannot resume run folder '.*digits': it holds "
+                                          r"'notes.txt', 'plots', which a run does not write; "
+                                          r"move them out of the folder and run --resume again$"):
+        run(tiny(old_run.parent, "epochs=3"), resume=True)
+    assert tree_bytes(old_run.parent) == before
+    (old_run / "notes.txt").unlink()
+    (old_run / "plots").rmdir()
+    run(tiny(old_run.parent, "epochs=3"), resume=True)
+    assert epochs_of(old_run) == [1, 2, 3]
+
+
 def test_the_readme_names_every_file_a_run_folder_may_hold():
     """The README's list is the rule users read: a file it leaves out looks foreign to them."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

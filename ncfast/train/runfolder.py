@@ -124,8 +124,13 @@ class RunFolder:
         foreign = _foreign(self.final) if exists else []
         is_run = exists and not foreign and (self.final / CONFIG).is_file()
         has_checkpoint = (self.final / CHECKPOINT).is_file()
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        if resume and foreign and (self.final / CONFIG).is_file():
+            # a run folder with files of the user's added: resume does not write beside them
+            raise ConfigError(f"cannot resume run folder {where}: it holds {shown}, which a run "
+                              f"does not write; move them out of the folder and run --resume "
+                              f"again")
         if exists and not is_run:
-            shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise ConfigError(f"{where} exists and is not an ncfast run folder (it holds "
                               f"{shown or 'no config.yaml'}); it is never replaced or deleted: "
                               f"choose another name= or runs_dir=")
