@@ -41,6 +41,13 @@ BAD = [
       "optim.lr_reference_batch=256"],
      r"'schedule.min_lr' must be <= optim.lr x data.batch_size / optim.lr_reference_batch "
      r"\(0.025\) with schedule.name='cosine' \(the lr would rise\), got 0.05"),
+    # A warm-up ramps from the unscaled lr up to the scaled one: with no scaling up it would do
+    # nothing, silently.
+    *[([f"optim.lr_reference_batch={ref}", "data.batch_size=64", "schedule.warmup_epochs=5"],
+       rf"'schedule.warmup_epochs' must be 0 when optim.lr_reference_batch \({ref}\) >= "
+       r"data.batch_size \(64\): the warm-up ramps from the unscaled lr up to the scaled one, "
+       r"which is not larger \(optim.lr_reference_batch=0 warms up from 0\), got 5")
+      for ref in (64, 256)],
     *[([f"data.test_fraction={v}"], rf"'data.test_fraction' must be in \(0, 1\), got {g}")
       for v, g in [("0", "0.0"), ("1", "1.0"), ("1.5", "1.5"), (".nan", "nan")]],
     *[([f"data.num_classes={v}"], rf"'data.num_classes' must be 0 \(taken from the data\) or "

@@ -99,7 +99,8 @@ class ScheduleConfig:
     gamma: float = setting(0.1, "step: the lr factor")
     min_lr: float = setting(0.0, "cosine: the final lr")
     warmup_epochs: int = setting(0, "linear warm-up over this many epochs, per step (from the "
-                                 "unscaled lr when optim.lr_reference_batch is set)")
+                                 "unscaled lr when optim.lr_reference_batch is set, which must "
+                                 "then be < data.batch_size)")
 
 
 @dataclass
@@ -432,6 +433,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'schedule.min_lr' must be <= {start} with "
                           f"schedule.name='cosine' (the lr would rise), got "
                           f"{cfg.schedule.min_lr!r}")
+    ref = cfg.optim.lr_reference_batch
+    if ref >= cfg.data.batch_size and cfg.schedule.warmup_epochs:
+        # The warm-up ramps from the unscaled lr up to the scaled one (warmup_factor): with no
+        # scaling up there is nothing to ramp, and a silent no-op is worse than a refusal.
+        raise ConfigError(
+            f"config key 'schedule.warmup_epochs' must be 0 when optim.lr_reference_batch "
+            f"({ref}) >= data.batch_size ({cfg.data.batch_size}): the warm-up ramps from the "
+            f"unscaled lr up to the scaled one, which is not larger (optim.lr_reference_batch=0 "
+            f"warms up from 0), got {cfg.schedule.warmup_epochs}")
     if cfg.data.decode == "cuda" and cfg.data.name != "imagefolder":
         raise ConfigError(f"config key 'data.decode' may be 'cuda' for data.name='imagefolder' "
                           f"(JPEG files) only, got data.name={cfg.data.name!r}")
