@@ -78,6 +78,30 @@ def checked_state_tensors(op: str, state: dict, specs: dict, device: torch.devic
     return new
 
 
+_NC4_SAME = ("NC4 counts must be made against the same classifier (nc4_weight, nc4_bias) and "
+             "means (nc4_means) to be combined; counts against different ones give no NC4")
+
+
+def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both in the narrower of their dtypes (a float32 and a float64 accumulator built from
+    the same classifier hold it rounded to their own dtype)."""
+    dtype = a.dtype if a.element_size() <= b.element_size() else b.dtype
+    return a.to(dtype), b.to(dtype)
+
+
+def _nc4_fingerprint(nc4: tuple | None, device: torch.device) -> Tensor:
+    """A float64 number that differs, but for a coincidence, between NC4 set-ups (classifier,
+    bias and means) to float32 resolution, as merge compares a float32 and a float64 one: each
+    entry weighted by its position, so a permutation changes it too."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in nc4 or ():
+        flat = t.reshape(-1).float().double()
+        flat = torch.where(flat.isinf(), -1.0, flat)  # the inf norms of classes with no mean
+        total += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64,
+                                      device=device)).sum()
+    return total
+
+
 def _about_means(counts: Tensor, sums: Tensor, sq: Tensor,
                  gram: Tensor | None) -> tuple[Tensor | None, Tensor]:
     """(M2, per-class sum ||h - mu_k||^2) in float64 from a shifted state's n_k, S_k,
@@ -566,7 +590,9 @@ class ClassStats:
 
     @torch.no_grad()
     def merge(self, other: "ClassStats") -> "ClassStats":
-        """Add another accumulator's samples (pairwise Chan merge, exact); returns self."""
+        """Add another accumulator's samples (pairwise Chan merge, exact); returns self. NC4
+        counts combine only when both were made against the same classifier and means
+        (ValueError otherwise, and nothing changes)."""
         if not isinstance(other, ClassStats):
             raise TypeError(f"ncfast.ClassStats.merge: other must be a ClassStats, got "
                             f"{type(other).__name__}")
@@ -574,6 +600,10 @@ class ClassStats:
         if (self._nc4 is None) != (other._nc4 is None):
             raise ValueError("ncfast.ClassStats.merge: both accumulators must count NC4, or "
                              "neither")
+        if self._nc4 is not None and not all(
+                torch.equal(*_common_dtype(mine, theirs.to(self.device)))
+                for mine, theirs in zip(self._nc4, other._nc4)):
+            raise ValueError(f"ncfast.ClassStats.merge: {_NC4_SAME}")
         mu_a, m2_a, sq_a = self._centred()  # both flush their staged rows
         mu_b, m2_b, sq_b = (t.to(self.device) for t in other._centred())
         n_a, n_b = self._counts.double(), other._counts.to(self.device).double()
@@ -596,6 +626,17 @@ class ClassStats:
         process) there is nothing to combine: a no-op, as in torchmetrics. Returns self."""
         if not dist.is_available() or not dist.is_initialized():
             return self
+        # As merge: every rank counts NC4 against the same classifier and means, or none does.
+        # One small MAX-reduce of (has NC4, fingerprint) and their negations: every rank sees
+        # the same extremes, so all raise together (none waits on a collective) or none does.
+        has = torch.tensor(float(self._nc4 is not None), dtype=torch.float64, device=self.device)
+        fingerprint = _nc4_fingerprint(self._nc4, self.device)
+        extremes = torch.stack([has, -has, fingerprint, -fingerprint])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+        if bool(extremes[0] != -extremes[1]):
+            raise ValueError("ncfast.ClassStats.all_reduce: every rank must count NC4, or none")
+        if bool(extremes[2] != -extremes[3]):
+            raise ValueError(f"ncfast.ClassStats.all_reduce: {_NC4_SAME}")
         mu_r, m2_r, sq_r = self._centred()
         n_r = self._counts.double()
         first = torch.cat([n_r, (n_r[:, None] * mu_r).reshape(-1)])

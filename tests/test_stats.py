@@ -2,6 +2,8 @@
 and sharding invariance, exact merges (pairwise and across 2 gloo processes), NC4 counting,
 persistence, and bad input that must leave the state untouched."""
 
+import re
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -337,6 +339,36 @@ def test_merge_and_load_reject_mismatches_without_changing_state():
     _assert_same_state(before, _snapshot(stats))
 
 
+NC4_SAME = ("NC4 counts must be made against the same classifier (nc4_weight, nc4_bias) and "
+            "means (nc4_means) to be combined; counts against different ones give no NC4")
+
+
+@pytest.mark.parametrize("differs", ["weight", "bias", "means", "same"])
+def test_merge_refuses_nc4_counts_against_another_classifier(differs):
+    """Summing NC4 counts made against different classifiers (or means) gave a meaningless NC4
+    silently; now a ValueError that changes nothing. The same set-up in another dtype merges."""
+    feats, labels = mixture(4, 3, 6, 0.3, dtype=torch.float64)
+    first = stream(feats, labels, 4, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    setup = dict(nc4_weight=torch.randn(4, 3, generator=g, dtype=torch.float64),
+                 nc4_bias=torch.randn(4, generator=g, dtype=torch.float64),
+                 nc4_means=first.means)
+    other = dict(setup)
+    if differs != "same":
+        key = f"nc4_{differs}"
+        other[key] = setup[key] + 0.5
+    a = stream(feats, labels, 4, 8, **setup)
+    b = stream(feats, labels, 4, 8, dtype=torch.float64, **other)
+    if differs == "same":
+        assert a.merge(b).nc4_total.item() == 2 * len(labels)
+        return
+    before = _snapshot(a)
+    with pytest.raises(ValueError, match="^" + re.escape(f"ncfast.ClassStats.merge: {NC4_SAME}")
+                       + "$"):
+        a.merge(b)
+    _assert_same_state(before, _snapshot(a))
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="num_classes must be an int >= 1, got 0"):
         ncfast.ClassStats(0, 3)
@@ -417,9 +449,21 @@ def _gloo_worker(rank, world, init_file, feats, labels, out):
         # float32 under a large offset: the reduced means are not rounded to the state dtype
         offset_feats, offset_labels, _ = offset_data(1e5)
         stats32 = stream(offset_feats[shard], offset_labels[shard], 10, 64).all_reduce()
+        # NC4 counted against another classifier on each rank: refused on both, state kept
+        weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank),
+                             dtype=torch.float64)
+        nc4 = stream(feats[shard], labels[shard], 5, 7, dtype=torch.float64, nc4_weight=weight,
+                     nc4_means=stats.means)
+        before = nc4.counts.clone()
+        try:
+            nc4.all_reduce()
+            nc4_error = None
+        except ValueError as err:
+            nc4_error = str(err)
         out[rank] = {"sigma_w": stats.sigma_w(), "means": stats.means.clone(),
                      "counts": stats.counts.clone(), "var": stats.class_variances(),
-                     "offset_metrics": metrics.all_metrics(stats32).as_dict()}
+                     "offset_metrics": metrics.all_metrics(stats32).as_dict(),
+                     "nc4_error": nc4_error, "nc4_kept": torch.equal(nc4.counts, before)}
     finally:
         dist.destroy_process_group()
 
@@ -439,6 +483,8 @@ def test_two_process_gloo_all_reduce_equals_single_process(tmp_path):
         assert_close(results[rank]["sigma_w"], one.sigma_w(), rtol=1e-12, atol=1e-12)
         assert_close(results[rank]["var"], one.class_variances(), rtol=1e-12, atol=1e-12)
         assert_offset_metrics(results[rank]["offset_metrics"], offset_data(1e5)[2])
+        assert results[rank]["nc4_error"] == f"ncfast.ClassStats.all_reduce: {NC4_SAME}"
+        assert results[rank]["nc4_kept"]
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
