@@ -114,6 +114,31 @@ def test_a_classifier_without_cosine_margins_leaves_only_that_extra_undefined():
         ncfast.measure(model, loader, dtype=torch.float64, extras=extras)
 
 
+def test_single_class_data_leave_the_two_class_metrics_undefined():
+    """One class in the data: under undefined="none" every metric of two or more classes is
+    None with the reason (measure raised 'needs at least 2 classes'), NC4, the bias norm and the
+    per-sample extras are measured; under "raise" it raises."""
+    model, inputs, labels = make_model_and_data()
+    one = labels == 1
+    loader = DataLoader(TensorDataset(inputs[one], labels[one]), batch_size=17)
+    extras = ("unc3", "gnc2", "ncc_accuracy")
+    result = ncfast.measure(model, loader, dtype=torch.float64, extras=extras, undefined="none")
+    reason = "ncfast.metrics.all_metrics: needs at least 2 classes, got 1"
+    values = result.metrics.as_dict()
+    assert [name for name, value in values.items() if value is not None] == ["bias_norm", "nc4"]
+    assert {result.metrics.undefined[name] for name, value in values.items()
+            if value is None} == {reason}
+    assert result.extra["unc3"] is None and result.extra["gnc2_riesz_mean"] is None
+    assert result.metrics.undefined["unc3"] == "ncfast.metrics.unc3: needs at least 2 classes, " \
+        "got 1"
+    assert result.extra["ncc_accuracy"] == 1.0 and result.empty_classes == [0, 2, 3]
+    with torch.no_grad():
+        logits = model.eval()(inputs[one])
+    assert result.metrics.nc4 == pytest.approx((logits.argmax(1) != 1).double().mean().item())
+    with pytest.raises(ValueError, match="^" + re.escape(reason) + "$"):
+        ncfast.measure(model, loader, dtype=torch.float64, extras=extras)
+
+
 def test_measure_rejects_a_non_linear_classifier():
     model, inputs, labels = make_model_and_data()
     with pytest.raises(TypeError, match="classifier must be an nn.Linear, got ReLU"):

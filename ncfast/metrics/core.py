@@ -250,15 +250,20 @@ class _Prepared:
         return x if self.identity else x[self.idx]
 
 
-def _prepare(op: str, stats: ClassStatistics, global_mean: str, classes: Classes) -> _Prepared:
+def _too_few_classes(op: str, n: int) -> str:
+    return f"{op}: needs at least 2 classes, got {n}"
+
+
+def _prepare(op: str, stats: ClassStatistics, global_mean: str, classes: Classes,
+             min_classes: int = 2) -> _Prepared:
     _check_global_mean(op, global_mean)
     K, d, counts_all, means_all = _read_stats(op, stats)
     device = means_all.device
     idx = _class_indices(op, classes, K, device)
     counts_all = counts_all.to(device)
     _check_nonempty(op, counts_all, idx)
-    if idx.numel() < 2:
-        raise ValueError(f"{op}: needs at least 2 classes, got {idx.numel()}")
+    if idx.numel() < min_classes:
+        raise ValueError(_too_few_classes(op, idx.numel()))
     counts = counts_all[idx].to(_F64)
     means = means_all.to(_F64)
     if classes is not None:
@@ -674,7 +679,8 @@ def all_metrics(
     ``classes`` follows the same rules as in :func:`nc1`: it may only leave out empty classes.
     ``undefined="raise"`` (default): a metric that is undefined for these statistics raises
     ValueError naming why; ``"none"``: it is None and ``NCMetrics.undefined`` says why (a
-    training loop keeps going when, say, two classes share a mean).
+    training loop keeps going when, say, two classes share a mean; with one class that has
+    samples every metric of two or more classes is None, and NC4 and ‖W μ_G + b‖ are kept).
     """
     op = _name("all_metrics")
     if undefined not in ("raise", "none"):
@@ -682,8 +688,15 @@ def all_metrics(
     if bias is not None and weight is None:
         raise ValueError(f"{op}: bias was given without weight")
     reasons: dict[str, str] = {}
+    # one class (a single-class data set, say): under "none" every metric of two or more
+    # classes is None with the reason, and the rest (NC4, ‖W μ_G + b‖) are measured
+    prep = _prepare(op, stats, global_mean, classes, min_classes=1 if undefined == "none" else 2)
+    too_few = _too_few_classes(op, prep.idx.numel()) if prep.idx.numel() < 2 else None
 
     def value(name: str, compute) -> float | None:
+        if too_few is not None:
+            reasons[name] = too_few
+            return None
         if undefined == "raise":
             return compute()
         try:
@@ -692,7 +705,6 @@ def all_metrics(
             reasons[name] = str(err)
             return None
 
-    prep = _prepare(op, stats, global_mean, classes)
     sigma_w = _sigma_w(op, stats, prep)
     v = _variances(op, stats, prep)
     Mc, H = prep.Mc, prep.Mc.T
