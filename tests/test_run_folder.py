@@ -4,7 +4,10 @@ its first checkpoint, a run killed before its first checkpoint gets the one advi
 copied or renamed run folders resume, and a cosine schedule is never resumed off its path."""
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,17 +178,78 @@ def test_a_copied_or_renamed_run_folder_resumes(old_run, tmp_path, move):
     assert load(str(result.run_dir / ckpt.CONFIG)).name == "other"
 
 
-def test_a_swap_interrupted_by_a_kill_is_completed(old_run):
-    """The fallback swap renames the old run to .<name>.old first: a kill right there leaves
-    no run folder, and the next claim puts the old run back."""
+# --overwrite's commit without renameat2 (three renames), killed with os._exit after the
+# given rename: argv is the run folder and that count.
+KILLED_SWAP = """
+import os, sys
+from pathlib import Path
+from ncfast.train import runfolder
+
+def no_renameat2(*args, **kwargs):
+    raise OSError("no renameat2")
+
+runfolder.ctypes.CDLL = no_renameat2
+final, kill_after = Path(sys.argv[1]), int(sys.argv[2])
+real_rename, renames = os.rename, []
+
+def rename(a, b):
+    real_rename(a, b)
+    renames.append(b)
+    if len(renames) == kill_after:
+        os._exit(9)
+
+os.rename = rename
+folder = runfolder.RunFolder(final, resume=False, overwrite=True)
+folder.create()
+(folder.path / "checkpoint.pt").write_bytes(b"new run")
+(folder.path / "config.yaml").write_text("new: run")
+folder.commit()
+"""
+
+
+@pytest.mark.parametrize("kill_after, survivor", [(1, "old"), (2, "new"), (3, "new")],
+                         ids=["old-run-parked", "new-run-in", "old-run-in-staging"])
+def test_a_swap_killed_midway_is_completed_by_the_next_claim(old_run, kill_after, survivor):
     before = tree_bytes(old_run)
-    os.rename(old_run, old_run.with_name(".digits.old"))
-    (old_run.parent / ".digits.new").mkdir()  # the new run's staging folder, never committed
-    (old_run.parent / ".digits.new" / ckpt.CONFIG).write_text("x: 1")
-    run(tiny(old_run.parent, "epochs=3"), resume=True)
-    assert epochs_of(old_run) == [1, 2, 3]
+    done = subprocess.run([sys.executable, "-c", KILLED_SWAP, str(old_run), str(kill_after)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr
+    assert (old_run.parent / ".digits.swap").is_file()  # the kill left the swap's marker
+    RunFolder(old_run, resume=True, overwrite=False).release()
     assert sorted(p.name for p in old_run.parent.iterdir()) == ["digits"]
-    assert before[ckpt.CHECKPOINT] == (old_run / ckpt.PREVIOUS).read_bytes()
+    if survivor == "old":
+        assert tree_bytes(old_run) == before
+    else:
+        assert tree_bytes(old_run) == {ckpt.CHECKPOINT: b"new run", ckpt.CONFIG: b"new: run"}
+
+
+@pytest.mark.parametrize("run_there", [True, False], ids=["beside-a-run", "no-run"])
+def test_a_folder_of_the_users_named_like_the_swaps_is_left_untouched(tmp_path, run_there):
+    """Only a folder the swap's marker names is the remains of a swap: a backup of the user's
+    at .<name>.old is neither deleted (beside a run) nor moved into the run's place."""
+    if run_there:
+        run(tiny(tmp_path))
+    backup = tmp_path / ".digits.old"
+    backup.mkdir()
+    (backup / ckpt.CONFIG).write_text("mine")
+    (tmp_path / ".digits.swap").write_text("my notes")
+    run(tiny(tmp_path, "epochs=3"), resume=run_there)
+    assert epochs_of(tmp_path / "digits") == [1, 2, 3]
+    assert tree_bytes(backup) == {ckpt.CONFIG: b"mine"}
+    assert (tmp_path / ".digits.swap").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("name", [".digits.old", ".digits.swap"])
+def test_overwrite_refuses_to_swap_through_a_name_of_the_users(old_run, name):
+    (old_run.parent / name).mkdir()
+    (old_run.parent / name / "notes.txt").write_text("mine")
+    before = tree_bytes(old_run.parent)
+    with pytest.raises(ConfigError, match=rf"^'.*{re.escape(name)}' is in the way of "
+                                          r"--overwrite \(the swap of the new run for the old "
+                                          r"one may need that name\); it is not ncfast's and is "
+                                          r"left untouched: move or rename it$"):
+        run(tiny(old_run.parent), overwrite=True)
+    assert tree_bytes(old_run.parent) == before
 
 
 def test_overwrite_whose_old_run_was_removed_meanwhile_keeps_the_new_run(old_run):

@@ -28,19 +28,40 @@ def _nonempty(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def _swap_names(b: Path) -> tuple[Path, Path]:
+    """Where the fallback swap of run folder ``b`` parks the old run, and its marker file."""
+    return b.with_name(f".{b.name}.old"), b.with_name(f".{b.name}.swap")
+
+
+def _marker_text(folder: Path) -> str:
+    st = os.lstat(folder)  # device and inode: kept by rename, so they name the parked folder
+    return f"ncfast swap {st.st_dev} {st.st_ino}\n"
+
+
+def _reads(marker: Path, prefix: str) -> bool:
+    try:
+        return marker.is_file() and marker.read_text().startswith(prefix)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _exchange(a: Path, b: Path) -> None:
     """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); where that is missing,
-    two renames through ``<b>.old``, which :meth:`RunFolder._recover` completes after a kill."""
+    three renames through ``.<b>.old``, marked by ``.<b>.swap`` so that
+    :meth:`RunFolder._recover` completes them after a kill (and touches nothing else)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:
             return
     except (AttributeError, OSError):
         pass
-    old = b.with_name(f".{b.name}.old")
+    old, marker = _swap_names(b)
+    with open(marker, "x") as f:  # never over a file of the user's
+        f.write(_marker_text(b))
     os.rename(b, old)
     os.rename(a, b)
     os.rename(old, a)
+    marker.unlink()
 
 
 class RunFolder:
@@ -102,12 +123,18 @@ class RunFolder:
 
     def _recover(self) -> None:
         """Finish what a process killed inside :meth:`commit` or before it left behind."""
-        old = self.final.with_name(f".{self.final.name}.old")
-        if old.is_dir():
-            if self.final.exists():
-                shutil.rmtree(old)
-            else:
+        old, marker = _swap_names(self.final)
+        # killed inside the fallback swap with the old run parked at old (a folder of that name
+        # that the marker does not name is the user's, and stays as it is)
+        if os.path.lexists(old) and _reads(marker, _marker_text(old)):
+            if not os.path.lexists(self.final):  # before the new run moved in: put it back
                 os.rename(old, self.final)
+            elif old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old)
+        if not os.path.lexists(old) and _reads(marker, "ncfast swap "):
+            marker.unlink()  # the swap's marker, its parked folder put back, deleted or not made
         stale = self.final.with_name(f".{self.final.name}.new")
         if stale.is_dir():  # a new run that never reached its first checkpoint
             if _foreign(stale):
@@ -156,6 +183,11 @@ class RunFolder:
                               f"checkpoint (nothing to resume); pass --overwrite to start it "
                               f"again, or choose another name=")
         if exists:  # --overwrite of a run: build beside it
+            in_the_way = [p for p in _swap_names(self.final) if os.path.lexists(p)]
+            if in_the_way:  # not the swap's (recovered above): the user's, left untouched
+                raise ConfigError(f"{str(in_the_way[0])!r} is in the way of --overwrite (the "
+                                  f"swap of the new run for the old one may need that name); "
+                                  f"it is not ncfast's and is left untouched: move or rename it")
             self.staging = self.final.with_name(f".{self.final.name}.new")
             self.path = self.staging
 
