@@ -139,6 +139,32 @@ def test_single_class_data_leave_the_two_class_metrics_undefined():
         ncfast.measure(model, loader, dtype=torch.float64, extras=extras)
 
 
+def test_a_dead_network_leaves_only_the_cosine_margin_undefined():
+    """Every feature zero, so equal to μ_G: the cosine margin has no value. It raised from the
+    middle of the second sweep whatever undefined said (ncfast train with the extra stopped);
+    now it is None with the reason under "none", and "raise" names the metric."""
+    model, inputs, labels = make_model_and_data()
+    nn.init.zeros_(model[3].weight)
+    nn.init.zeros_(model[3].bias)  # the features are ReLU(0) = 0
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=17)
+    extras = ("cosine_margin", "ncc_accuracy")
+    result = ncfast.measure(model, loader, dtype=torch.float64, extras=extras, undefined="none")
+    reason = ("ncfast.metrics.PerSampleStats.cosine_margin: 120 of 120 samples equal the "
+              "global mean; their cosine margin is undefined")
+    assert result.extra["cosine_margin"] is None
+    assert result.metrics.undefined["cosine_margin"] == reason
+    assert result.extra["ncc_accuracy"] == 0.25  # every mean is 0: the nearest is class 0
+    assert result.metrics.nc1 is None and result.stats.nc4_total.item() == 120
+    # strict: two of four samples at μ_G = 0, every other metric defined
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Identity(), nn.Linear(2, 2).double())
+    feats = torch.tensor([[2.0, 1.0], [0.0, 0.0], [-2.0, -1.0], [0.0, 0.0]], dtype=torch.float64)
+    strict = [(feats, torch.tensor([0, 0, 1, 1]))]
+    with pytest.raises(ValueError, match="^" + re.escape(reason.replace("120 of 120", "2 of 4"))
+                       + "$"):
+        ncfast.measure(head, strict, dtype=torch.float64, extras=extras)
+
+
 def test_measure_rejects_a_non_linear_classifier():
     model, inputs, labels = make_model_and_data()
     with pytest.raises(TypeError, match="classifier must be an nn.Linear, got ReLU"):

@@ -106,6 +106,10 @@ def bad_states():
                         "state['means'] must equal the means this accumulator was built from"),
         "totals": (edit(count=good["count"] + 1), ValueError,
                    "state['margin_hist'] must count == state['count'] (61) samples, got 60"),
+        # the samples equal to μ_G have no bin: histogram + them = count
+        "undefined-totals": (edit(margin_undefined=torch.tensor(1)), ValueError,
+                             "state['margin_hist'] must count == state['count'] (60) samples, "
+                             "got 61"),
     }
 
 
@@ -179,3 +183,41 @@ def test_merge_refuses_another_type_or_dim():
     with pytest.raises(ValueError, match=r"other must be a FeatureMean of dim 6, got "
                                          r"FeatureMean\(dim=4"):
         m.merge(metrics.FeatureMean(4))
+
+
+def test_samples_equal_to_the_global_mean_leave_only_the_margin_undefined():
+    """A feature equal to μ_G (a dead network's zero features, say) has no cosine: update raised
+    in the middle of a sweep; now it is counted, the margin's read-outs say how many, the other
+    metrics are unaffected, and the count survives merge and a state_dict round trip."""
+    h, y, W = data()
+    s = reference.class_stats(h, y, 5)
+    h = h.clone()
+    h[[3, 17]] = s.global_mean("weighted")
+    a, b = per_sample(s, W), per_sample(s, W)
+    a.update(h[:30], y[:30])
+    b.update(h[30:], y[30:])
+    a.merge(b)
+    restored = per_sample(s, W)
+    restored.load_state_dict(a.state_dict())
+    reason = "2 of 60 samples equal the global mean; their cosine margin is undefined"
+    for p in (a, restored):
+        for read in ("cosine_margin", "margins", "margin_histogram"):
+            with pytest.raises(ValueError, match="^" + re.escape(
+                    f"ncfast.metrics.PerSampleStats.{read}: {reason}") + "$"):
+                getattr(p, read)()
+        want = torch.cdist(h, s.means).argmin(1).eq(y).double().mean().item()
+        assert p.count == 60 and p.ncc_accuracy() == pytest.approx(want, rel=1e-12)
+    # without those two samples the margins are as before
+    keep = torch.ones(60, dtype=torch.bool)
+    keep[[3, 17]] = False
+    clean = per_sample(s, W)
+    clean.update(h[keep], y[keep])
+    state = a.state_dict()
+    assert torch.equal(state["margin_hist"], clean.state_dict()["margin_hist"])
+    assert sorted(state["margins"].tolist()) == clean.margins().tolist()
+    # a state saved before the count existed loads as one without such samples
+    old = clean.state_dict()
+    del old["margin_undefined"]
+    again = per_sample(s, W)
+    again.load_state_dict(old)
+    assert readout(again) == readout(clean)

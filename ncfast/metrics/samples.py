@@ -71,7 +71,9 @@ class PerSampleStats:
       feature h_i - μ_G and the centred classifier row w_j - w̄ (``margin="centred"``), or
       (``margin="official"``) the seed paper's code: the raw logit w_j·h_i over
       ‖h_i - μ_G‖‖w_j - w̄‖. Kept as its sum, a histogram of ``margin_bins`` equal bins over
-      [-2, 2] and, with ``keep_margins=True``, every value (N floats; ``margins()``);
+      [-2, 2] and, with ``keep_margins=True``, every value (N floats; ``margins()``). A sample
+      equal to μ_G has no cosine: it is counted, and the margin's read-outs then raise
+      ValueError saying how many (the other metrics are unaffected);
     - ``ncc=True``: the **nearest-class-mean accuracy**, argmin_k ‖h_i - μ_k‖ == y_i over the
       classes that had samples, in blocks of 2^24 scores (any K);
     - ``class_scatter=True``: per class, n_k, sum (h - μ_k) and sum (h - μ_k)(h - μ_k)^T about
@@ -146,6 +148,7 @@ class PerSampleStats:
         self._ncc_correct = torch.zeros((), dtype=torch.int64, device=dev)
         self._margin_sum = torch.zeros((), dtype=_F64, device=dev)
         self._margin_hist = torch.zeros(self.margin_bins, dtype=torch.int64, device=dev)
+        self._margin_undefined = torch.zeros((), dtype=torch.int64, device=dev)  # h = μ_G
         self._margin_values: list[Tensor] = []
         if self._scatter:
             self._class_n = torch.zeros(K, dtype=torch.int64, device=dev)
@@ -174,17 +177,18 @@ class PerSampleStats:
         h = features.to(self.dtype)
         hc = h - self._mu_g
         y = labels.long()
-        margins = None
+        margins = undefined = None
         if self._weight is not None:
             centred_norms = torch.linalg.vector_norm(hc, dim=1)
-            if not bool((centred_norms > 0).all()):
-                row = int((centred_norms == 0).nonzero()[0])
-                raise ValueError(f"{op}: row {row} equals the global mean; its cosine margin "
-                                 f"is undefined")
-            margins = self._margins(h, hc, y, centred_norms)
+            defined = centred_norms > 0  # a row equal to μ_G has no cosine
+            margins = self._margins(h, hc, y, torch.where(defined, centred_norms, 1.0))
+            undefined = B - int(defined.sum())
+            if undefined:
+                margins = margins[defined]
         # Everything above may raise; the state changes only below.
         self._count += B
         if margins is not None:
+            self._margin_undefined += undefined
             self._margin_sum += margins.sum()
             bins = ((margins + 2.0) * (self.margin_bins / 4.0)).floor().long()
             self._margin_hist += torch.bincount(bins.clamp_(0, self.margin_bins - 1),
@@ -246,22 +250,30 @@ class PerSampleStats:
         self._need("ncc_accuracy", self._ncc, "built with ncc=False")
         return int(self._ncc_correct) / int(self._count)
 
+    def _need_margins(self, what: str, ok: bool, hint: str) -> None:
+        self._need(what, ok, hint)
+        undefined = int(self._margin_undefined)
+        if undefined:
+            raise ValueError(f"ncfast.metrics.PerSampleStats.{what}: {undefined} of "
+                             f"{int(self._count)} samples equal the global mean; their cosine "
+                             f"margin is undefined")
+
     def cosine_margin(self) -> float:
         """Mean cosine margin over every sample seen."""
-        self._need("cosine_margin", self._weight is not None, "built without weight")
+        self._need_margins("cosine_margin", self._weight is not None, "built without weight")
         return float(self._margin_sum) / int(self._count)
 
     def margin_histogram(self) -> tuple[Tensor, Tensor]:
         """``(edges, counts)``: ``margin_bins + 1`` float64 edges over [-2, 2] and int64 counts
         (the last bin includes 2)."""
-        self._need("margin_histogram", self._weight is not None, "built without weight")
+        self._need_margins("margin_histogram", self._weight is not None, "built without weight")
         edges = torch.linspace(-2.0, 2.0, self.margin_bins + 1, dtype=_F64)
         return edges, self._margin_hist.cpu()
 
     def margins(self) -> Tensor:
         """Every sample's cosine margin, sorted ascending (float64), as the seed paper's code
         returns them; needs ``keep_margins=True``."""
-        self._need("margins", self._weight is not None and self.keep_margins,
+        self._need_margins("margins", self._weight is not None and self.keep_margins,
                    "needs weight and keep_margins=True")
         return torch.cat(self._margin_values).sort().values
 
@@ -338,8 +350,11 @@ class PerSampleStats:
         op = "ncfast.metrics.PerSampleStats.load_state_dict"
         _check_state_header(op, state, "PerSampleStats", self._settings())
         K, d, i64 = self.num_classes, self.dim, torch.int64
+        if "margin_undefined" not in state:  # a state saved before samples equal to μ_G
+            state = {**state, "margin_undefined": torch.zeros((), dtype=i64)}  # were counted
         specs = {"means": ((K, d), self.dtype), "count": ((), i64), "ncc_correct": ((), i64),
-                 "margin_sum": ((), _F64), "margin_hist": ((self.margin_bins,), i64)}
+                 "margin_sum": ((), _F64), "margin_hist": ((self.margin_bins,), i64),
+                 "margin_undefined": ((), i64)}
         if self._weight is not None:
             specs["classifier"] = ((K, d), self.dtype)
         if self._scatter:
@@ -356,13 +371,18 @@ class PerSampleStats:
                 raise ValueError(f"{op}: state[{key!r}] must equal the {key} this accumulator "
                                  f"was built from")
         count = int(new["count"])
+        undefined = int(new["margin_undefined"])
         totals = {"ncc_correct": int(new["ncc_correct"])}
         if self._weight is not None:
-            totals["margin_hist"] = int(new["margin_hist"].sum())
+            # samples equal to μ_G have no margin, so no bin
+            totals["margin_hist"] = int(new["margin_hist"].sum()) + undefined
+        elif undefined:
+            raise ValueError(f"{op}: state['margin_undefined'] must be 0 for an accumulator "
+                             f"built without weight, got {undefined}")
         if self._scatter:
             totals["class_n"] = int(new["class_n"].sum())
         if self.keep_margins and self._weight is not None:
-            totals["margins"] = new["margins"].numel()
+            totals["margins"] = new["margins"].numel() + undefined
         for key, total in totals.items():
             if total > count if key == "ncc_correct" else total != count:
                 rule = "<=" if key == "ncc_correct" else "=="
@@ -376,7 +396,7 @@ class PerSampleStats:
     # ---- combining
 
     def _part_names(self) -> list[str]:
-        names = ["count", "ncc_correct", "margin_sum", "margin_hist"]
+        names = ["count", "ncc_correct", "margin_sum", "margin_hist", "margin_undefined"]
         return names + (["class_n", "class_sum", "class_scatter"] if self._scatter else [])
 
     def _parts(self) -> list[Tensor]:
