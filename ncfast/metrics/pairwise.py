@@ -48,8 +48,9 @@ def gnc2(
     - ``"distance"``: ‖u_k - u_l‖ (largest and uniform at a simplex ETF);
     - ``"log"``: log(1/‖u_k - u_l‖) (the logarithmic energy);
     - ``"riesz"``: sign(s) ‖u_k - u_l‖^(-s), s = ``riesz_s`` (default d - 2, as the reference
-      library takes it, with its sign(s) = +1 at s = 0: the kernel is then 1; for large d the values can overflow float64 unless the directions are
-      well spread, so pass a smaller s for a finite energy).
+      library takes it, with its sign(s) = +1 at s = 0: the kernel is then 1; for large d the
+      values can overflow float64 unless the directions are well spread, so pass a smaller s
+      for a finite energy).
 
     A uniform, collapsed set of directions has zero variance for every kernel. All kernels come
     from one tiled sweep (``tile`` rows of the K x K Gram matrix at a time, default 2^24
