@@ -578,24 +578,24 @@ def test_float32_merge_keeps_the_unrounded_means(offset):
 
 
 @pytest.mark.parametrize("offset", [1e5, -3e5], ids=["1e5", "-3e5"])
-def test_float64_merged_state_loads_into_float32_with_unrounded_means(offset):
+def test_float64_merged_state_loads_into_float32_with_unrounded_means(offset, device):
     """A float64 merge keeps each merged mean in its reference point; loaded into a float32
     accumulator, those were rounded to float32 (NC2 1e-3 off); now re-split as merge does. A
     float64 state of float64 features (first samples off the float32 grid) is the same case."""
     feats, labels, ref = offset_data(offset)
     wide = feats.double()
-    merged = stream(wide[0::2], labels[0::2], 10, 64, dtype=torch.float64).merge(
-        stream(wide[1::2], labels[1::2], 10, 64, dtype=torch.float64))
+    merged = stream(wide[0::2], labels[0::2], 10, 64, device, torch.float64).merge(
+        stream(wide[1::2], labels[1::2], 10, 64, device, torch.float64))
     jitter = wide + 1e-3 * torch.rand(wide.shape, generator=torch.Generator().manual_seed(5),
                                       dtype=torch.float64)
-    streamed = stream(jitter, labels, 10, 64, dtype=torch.float64)
+    streamed = stream(jitter, labels, 10, 64, device, torch.float64)
     ref_jitter = metrics.all_metrics(reference.class_stats(jitter, labels, 10)).as_dict()
     for source, want in ((merged, ref), (streamed, ref_jitter)):
-        narrow = ncfast.ClassStats(10, 32)
+        narrow = ncfast.ClassStats(10, 32, device=device)
         narrow.load_state_dict(source.state_dict())
         assert_offset_metrics(metrics.all_metrics(narrow).as_dict(), want)
         # and it keeps accumulating from the loaded state
-        narrow.update(feats, labels)
+        narrow.update(feats.to(device), labels.to(device))
         assert narrow.total.item() == 2 * len(labels)
 
 
