@@ -115,6 +115,51 @@ def test_a_users_model_under_two_process_ddp_gives_the_one_process_metrics(tmp_p
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _ddp_resume_worker(rank, world, ports, runs_dir, out):
+    """Both processes stop at step 5 of epoch 1 (the checkpoint is that of step 3), then
+    resume (a new process group, on a fresh port); the samples each progress.update was given
+    are saved."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), OMP_NUM_THREADS="1")
+    cfg = load(None, [*QUICK, f"runs_dir={runs_dir}", "name=resumed", "data.batch_size=20",
+                      "epochs=1", "checkpoint_every_steps=3"])
+    shown = []
+
+    def update(self, epoch, epochs, batch, batches, samples, seconds, loss):
+        if "resume" not in shown and batch == 5:
+            raise _Stop
+        shown.append((batch, samples))
+
+    Progress.update = update
+    try:
+        run(cfg, model=Plain())
+    except _Stop:
+        pass
+    shown.append("resume")
+    os.environ["MASTER_PORT"] = str(ports[1])
+    run(cfg, resume=True, model=Plain())
+    torch.save(shown, f"{out}/{rank}.pt")
+
+
+def test_progress_after_a_ddp_mid_epoch_resume_counts_the_samples_since_the_resume(tmp_path):
+    # Rank 0 resumes with the checkpoint's sums over both processes: its samples/s once
+    # counted those again, times the world size.
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = (a.getsockname()[1], b.getsockname()[1])
+    mp.start_processes(_ddp_resume_worker, args=(2, ports, str(tmp_path), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    expected = ([(batch, 20 * batch) for batch in range(1, 5)] + ["resume"]
+                + [(batch, 20 * (batch - 3)) for batch in range(4, 16)])
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"{rank}.pt") == expected, rank
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return [(int(r["epoch"]), r["tag"], float(r["value"])) for r in csv.DictReader(f)]

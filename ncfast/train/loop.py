@@ -573,7 +573,10 @@ def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, devi
     correct = torch.tensor(within.correct, device=device, dtype=torch.int64)
     seen = within.seen
     batches = len(loader)
-    start = time.perf_counter() - within.seconds
+    # The shown rate counts what this start of the epoch did: rank 0's `seen` begins with
+    # every process's samples before a resume, and within.seconds with their time.
+    seen_at_start, started = seen, time.perf_counter()
+    start = started - within.seconds
     batches_iter = epoch_batches(loader, cfg.seed, epoch, within.step, gpu)
     lr = optimizer.param_groups[0]["lr"]
     try:
@@ -615,8 +618,8 @@ def _train_epoch(cfg, net, params, loader, gpu, optimizer, scaler, loss_fn, devi
             loss_sum += loss.detach().double() * y.numel()
             correct += (logits.argmax(1) == y).sum()
             seen += y.numel()
-            progress.update(epoch, cfg.epochs, i, batches, seen * d.world,
-                            time.perf_counter() - start, loss)
+            progress.update(epoch, cfg.epochs, i, batches, (seen - seen_at_start) * d.world,
+                            time.perf_counter() - started, loss)
             step_done(epoch, i, batches, lambda: ckpt.EpochProgress(
                 i, *_summed(loss_sum, correct, seen, d), time.perf_counter() - start))
     finally:  # a step that raises stops the prefetch thread (and frees its loader) now
