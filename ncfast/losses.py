@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import Iterator
 
@@ -60,6 +61,14 @@ def check_errors() -> None:
     _C.raise_pending_label_errors()
 
 
+def _as_float(value: numbers.Real) -> float:
+    # An int too large for a float is out of range (the check below says so), not a crash.
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: str = _OP,
                        ignore_index: int = -100) -> tuple[float, float, int]:
     """The option rules every rescaled-MSE entry point shares; ``op`` names it in messages.
@@ -74,7 +83,7 @@ def check_loss_options(k: float, M: float, normalize: str, reduction: str, op: s
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
                             f"{value!r}")
-    k, M = float(k), float(M)
+    k, M = _as_float(k), _as_float(M)
     # The same rules as the op's own checks, here so the module fails at construction.
     if not (0 < k < float("inf")):
         raise ValueError(f"{op}: k must be finite and > 0, got {k:g}")

@@ -47,6 +47,7 @@ SHAPE_ERRORS = {
     "k-nan": (z(2, 3), y(0, 1), dict(k=float("nan")), ValueError,
               "k must be finite and > 0, got nan"),
     "M-nan": (z(2, 3), y(0, 1), dict(M=float("nan")), ValueError, "M must be finite, got nan"),
+    "M-huge-int": (z(2, 3), y(0, 1), dict(M=-10**400), ValueError, "M must be finite, got -inf"),
     "k-string": (z(2, 3), y(0, 1), dict(k="2"), TypeError, "k must be a real number, got str '2'"),
     "normalize": (z(2, 3), y(0, 1), dict(normalize="batch"), ValueError,
                   "normalize must be 'sample' or 'element', got 'batch'"),
