@@ -95,10 +95,12 @@ def _nc4_fingerprint(nc4: tuple | None, device: torch.device) -> Tensor:
     entry weighted by its position, so a permutation changes it too."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for t in nc4 or ():
-        flat = t.reshape(-1).float().double()
-        flat = torch.where(flat.isinf(), -1.0, flat)  # the inf norms of classes with no mean
-        total += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64,
-                                      device=device)).sum()
+        x = t.float().double().reshape(t.shape[0], -1)  # (K, d) or (K, 1)
+        x = torch.where(x.isinf(), -1.0, x)  # the inf norms of classes with no mean
+        # sum_kj (k + 1)(j + 1) x_kj as two matrix-vector products: no (K, d) weight grid
+        rows, cols = (torch.arange(1, n + 1, dtype=torch.float64, device=device)
+                      for n in x.shape)
+        total += rows @ (x @ cols)
     return total
 
 
