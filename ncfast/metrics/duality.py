@@ -46,10 +46,14 @@ def class_similarities(
                                classes)
 
 
-def _class_similarities(op, W, stats, cosine, global_mean, classes) -> Tensor:
+def _rows_and_means(op, W, stats, global_mean, classes) -> tuple[Tensor, Tensor]:
+    """(w_k, μ_k - μ_G) row by row for the selected classes, float64."""
     prep = _prepare(op, stats, global_mean, classes)
-    Wsel = _weight(op, "W", W, prep.K, prep.d, prep)
-    return _similarities(op, Wsel, prep.Mc.T, bool(cosine))
+    return _weight(op, "W", W, prep.K, prep.d, prep), prep.Mc.T
+
+
+def _class_similarities(op, W, stats, cosine, global_mean, classes) -> Tensor:
+    return _similarities(op, *_rows_and_means(op, W, stats, global_mean, classes), bool(cosine))
 
 
 def class_distances(
@@ -62,8 +66,7 @@ def class_distances(
     """(K,) float64 vector of ‖w_k/‖w_k‖ - (μ_k - μ_G)/‖μ_k - μ_G‖‖ per class (self-duality
     class by class, theory.md 5.11); ``normalized=False``: ‖w_k - (μ_k - μ_G)‖."""
     op = _name("class_distances")
-    prep = _prepare(op, stats, global_mean, classes)
-    Wsel, Mc_rows = _weight(op, "W", W, prep.K, prep.d, prep), prep.Mc.T
+    Wsel, Mc_rows = _rows_and_means(op, W, stats, global_mean, classes)
     if not normalized:
         return torch.linalg.vector_norm(Wsel - Mc_rows, dim=1)
     # w/|w| - m/|m| formed directly, not as sqrt(2 - 2 cos), which cancels near collapse;

@@ -175,7 +175,8 @@ class PerSampleStats:
             raise ValueError(f"{op}: labels must be in [0, {self.num_classes}), got "
                              f"{lo if lo < 0 else hi}")
         h = features.to(self.dtype)
-        hc = h - self._mu_g
+        # centred by μ_G for the margins and the nearest means; the scatter alone needs neither
+        hc = h - self._mu_g if self._weight is not None or self._ncc else None
         y = labels.long()
         margins = undefined = None
         if self._weight is not None:
